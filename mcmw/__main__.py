@@ -1,0 +1,3 @@
+from mcmw.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Peer links: COPS framing, messages, link state, tree routing, transports."""

@@ -1,0 +1,1 @@
+"""The TAP device: open, configure, read and write Ethernet frames."""

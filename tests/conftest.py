@@ -1,0 +1,1 @@
+from tests.netlab import lab  # noqa: F401  (fixture)
