@@ -25,7 +25,9 @@ class QuerierParams:
 
     @property
     def lmqc(self) -> int:
-        return self.robustness if self.last_member_query_count is None else self.last_member_query_count
+        if self.last_member_query_count is None:
+            return self.robustness
+        return self.last_member_query_count
 
     @property
     def startup_interval(self) -> float:

@@ -1,0 +1,435 @@
+"""The node's core, sans-IO: frames and peer bytes in, frames and peer bytes out.
+
+The runtime (mcmw/runtime.py) and the replay tool drive the same object; it never
+touches a socket or a clock. Outputs are left in `tap_out` (frames for the TAP) and in
+each link's `tx` buffer, for the caller to move after each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import Counter
+from typing import Any
+
+from igmp.actions import MembershipChange, SendQuery
+from igmp.querier import Querier
+from mcmw.config import TreeConfig
+from mcmw.mapping import make_mapper
+from mcmw.routes import GroupRoute
+from overlay import codec
+from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route
+from overlay.interest import Filter, Interest, Update
+from overlay.link import CLOSED, UP, PeerLink
+from tap.ethernet import (
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    ethernet_header,
+    frame_for_ip,
+    link_local_from_mac,
+    multicast_mac,
+    router_mac,
+)
+
+log = logging.getLogger("mcmw.node")
+
+ETH_IPV4 = b"\x08\x00"
+ETH_IPV6 = b"\x86\xdd"
+PROTO_IGMP = 2
+NH_HOP_BY_HOP = 0
+NH_ICMPV6 = 58
+MLD_TYPES = frozenset((130, 131, 132, 143))
+LINK_LOCAL_V4 = b"\xe0\x00\x00"
+TTL_CSUM = struct.Struct("!BBH")  # TTL, protocol, header checksum at offset 8 of IPv4
+
+
+def decrement_ttl(packet: bytearray) -> None:
+    """TTL - 1 with the header checksum updated incrementally (RFC 1624, eqn. 3)."""
+    ttl, proto, csum = TTL_CSUM.unpack_from(packet, 8)
+    old = (ttl << 8) | proto
+    new = old - 0x100
+    total = (~csum & 0xFFFF) + (~old & 0xFFFF) + new
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    TTL_CSUM.pack_into(packet, 8, ttl - 1, proto, ~total & 0xFFFF)
+
+
+class Node:
+    """One mcmw node: querier for its segment, router for the overlay."""
+
+    def __init__(self, tree: TreeConfig, name: str, now: float) -> None:
+        self.tree = tree
+        self.name = name
+        self.config = tree.nodes[name]
+        self.started = now
+        self.mac = router_mac(name)
+        self.igmp = Querier(4, self.config.igmp, self.config.tap.address.ip.packed, now)
+        self.mld = Querier(6, self.config.mld, link_local_from_mac(self.mac), now)
+        overlay = tree.overlay
+        self.hop_ttl = overlay.ttl == "hop"
+        self.map_group = make_mapper(overlay.mapping, overlay.address_bits)
+        self.local_open = Open(
+            node=name,
+            address_bits=overlay.address_bits,
+            mapping=overlay.mapping,
+            ttl_mode=overlay.ttl,
+            udp_port=self.config.udp or 0,
+            dead_interval=max(1, round(overlay.dead_interval)),
+        )
+        self.neighbours = dict(tree.neighbours(name))  # peer -> True when we dial it
+        self.interest = Interest()
+        self.links: dict[str, PeerLink] = {}  # up links by peer
+        self.pending: list[PeerLink] = []  # links not yet up
+        self.routes: dict[bytes, GroupRoute] = {}
+        self.tap_out: list[bytes] = []
+        self.tap_rx = self.tap_tx = 0
+        self.counters: Counter[str] = Counter(
+            forwarded=0, delivered=0, dropped_ttl=0, dropped_malformed=0
+        )
+        self.last_errors: dict[str, str] = {}  # peer -> why its link last closed
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._queries(self.igmp.start(now))
+        self._queries(self.mld.start(now))
+
+    def shutdown(self, now: float) -> None:
+        """Tell every peer we are leaving."""
+        for link in [*self.links.values(), *self.pending]:
+            link.close(codec.CLOSE_NORMAL, "node shutting down", now)
+        self._queries(self.igmp.stop(now))
+        self._queries(self.mld.stop(now))
+
+    def new_link(self, peer: str | None, now: float) -> PeerLink:
+        """A TCP connection was made: to `peer` when we dialed, from someone when None."""
+        overlay = self.tree.overlay
+        link = PeerLink(
+            self.local_open,
+            peer,
+            dialer=peer is not None,
+            keepalive_interval=overlay.keepalive_interval,
+            dead_interval=overlay.dead_interval,
+            now=now,
+        )
+        self.pending.append(link)
+        return link
+
+    def link_lost(self, link: PeerLink, reason: str, now: float) -> None:
+        """The transport lost or closed `link`."""
+        link.lost(reason)
+        self._forget(link, now)
+
+    def _forget(self, link: PeerLink, now: float) -> None:
+        if link in self.pending:
+            self.pending.remove(link)
+        if link.peer is not None and self.links.get(link.peer) is link:
+            del self.links[link.peer]
+            self.last_errors[link.peer] = link.close_reason
+            log.warning("link to %s down: %s", link.peer, link.close_reason)
+            self._apply(self.interest.peer_down(link.peer), now)
+            for route in self.routes.values():
+                self._rebuild(route)
+            self._prune()
+
+    def expire(self, now: float) -> None:
+        """Run every timer that is due."""
+        self._queries(self.igmp.expire(now))
+        self._queries(self.mld.expire(now))
+        for link in [*self.links.values(), *self.pending]:
+            link.tick(now)
+            if link.state == CLOSED:
+                self._forget(link, now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.igmp.next_deadline(), self.mld.next_deadline()) if d]
+        deadlines.extend(link.next_deadline() for link in self.links.values())
+        return min(deadlines, default=None)
+
+    # -- from the TAP ------------------------------------------------------------
+
+    def tap_frames(self, frames: list[bytes], now: float) -> None:
+        """Frames the kernel sent on the segment: membership reports, or data to carry."""
+        routes = self.routes
+        self.tap_rx += len(frames)
+        for frame in frames:
+            ethertype = frame[12:14]
+            if ethertype == ETH_IPV4:
+                if len(frame) < 34:
+                    self.counters["dropped_malformed"] += 1
+                    continue
+                if frame[23] == PROTO_IGMP:
+                    self._membership(self.igmp.handle(frame[14:], now), now)
+                    continue
+                group = frame[30:34]
+                if frame[30] & 0xF0 != 0xE0 or group[:3] == LINK_LOCAL_V4:
+                    continue
+                route = routes.get(group)
+                if route is not None:
+                    self._forward_v4(route, frame, None)
+            elif ethertype == ETH_IPV6:
+                if len(frame) < 54:
+                    self.counters["dropped_malformed"] += 1
+                    continue
+                nh = frame[20]
+                if nh == NH_HOP_BY_HOP or (nh == NH_ICMPV6 and frame[54:55] and frame[54] in MLD_TYPES):
+                    self._membership(self.mld.handle(frame[14:], now), now)
+                    continue
+                group = frame[38:54]
+                if frame[38] != 0xFF or frame[39] & 0x0F <= 2:
+                    continue
+                route = routes.get(group)
+                if route is not None:
+                    self._forward_v6(route, frame, None)
+
+    # -- the data path -------------------------------------------------------------
+
+    def _forward_v4(self, route: GroupRoute, frame: bytes, ingress: PeerLink | None) -> None:
+        """Carry an IPv4 packet (in `frame` at offset 14, or a bare packet when from a peer)."""
+        base = 14 if ingress is None else 0
+        ihl = (frame[base] & 0x0F) * 4
+        total = (frame[base + 2] << 8) | frame[base + 3]
+        if frame[base] >> 4 != 4 or ihl < 20 or total < ihl or base + total > len(frame):
+            self.counters["dropped_malformed"] += 1
+            return
+        source = frame[base + 12 : base + 16]
+        if ingress is not None and route.local is not None and route.local.admits(source):
+            self.tap_out.append(route.eth_header + frame)
+            self.counters["delivered"] += 1
+        outputs = [link for link in route.links_any if link is not ingress]
+        for link, want in route.links_some:
+            if link is not ingress and want.admits(source):
+                outputs.append(link)
+        if not outputs:
+            return
+        packet = bytearray(frame[base : base + total])
+        if self.hop_ttl:
+            if packet[8] <= 1:
+                self.counters["dropped_ttl"] += 1
+                return
+            decrement_ttl(packet)
+        self._send_data(route, packet, outputs)
+
+    def _forward_v6(self, route: GroupRoute, frame: bytes, ingress: PeerLink | None) -> None:
+        base = 14 if ingress is None else 0
+        total = 40 + ((frame[base + 4] << 8) | frame[base + 5])
+        if frame[base] >> 4 != 6 or base + total > len(frame):
+            self.counters["dropped_malformed"] += 1
+            return
+        source = frame[base + 8 : base + 24]
+        if ingress is not None and route.local is not None and route.local.admits(source):
+            self.tap_out.append(route.eth_header + frame)
+            self.counters["delivered"] += 1
+        outputs = [link for link in route.links_any if link is not ingress]
+        for link, want in route.links_some:
+            if link is not ingress and want.admits(source):
+                outputs.append(link)
+        if not outputs:
+            return
+        packet = bytearray(frame[base : base + total])
+        if self.hop_ttl:
+            if packet[7] <= 1:
+                self.counters["dropped_ttl"] += 1
+                return
+            packet[7] -= 1
+        self._send_data(route, packet, outputs)
+
+    def _send_data(self, route: GroupRoute, packet: bytearray, outputs: list[PeerLink]) -> None:
+        pad = bytes(-len(packet) % 4)
+        address = route.overlay_address
+        size = len(packet)
+        for link in outputs:
+            if len(link.tx) > link.TX_LIMIT:
+                link.dropped_queue += 1
+                self.counters["dropped_queue"] += 1
+                continue
+            link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
+            tx = link.tx
+            tx += codec.ip_data_header(address, seq, size)
+            tx += packet
+            tx += pad
+            link.tx_packets += 1
+        self.counters["forwarded"] += len(outputs)
+
+    # -- from a peer ---------------------------------------------------------------
+
+    def link_data(self, link: PeerLink, data: bytes, now: float) -> None:
+        """Bytes received on a peer link: frame them and act on each message."""
+        buf = link.rx
+        buf += data
+        link.last_rx = now
+        link.rx_bytes += len(data)
+        unpack_head = codec.IP_DATA_HEAD.unpack_from
+        offset, end = 0, len(buf)
+        try:
+            while end - offset >= codec.HEADER_LEN:
+                opcode, length = codec.check_header(buf, offset)
+                if end - offset < length:
+                    break
+                if opcode == codec.OP_IP_DATA and link.state == UP:
+                    _, _, _, _, objlen, cnum, ctype, _, _ = unpack_head(buf, offset)
+                    if cnum != codec.CNUM_CLIENT_SI or not 28 + 8 <= objlen <= length - 8 or (
+                        (objlen + 3) & ~3
+                    ) != length - 8:
+                        raise codec.CodecError("ip-data object does not fit its message")
+                    link.rx_packets += 1
+                    self._from_peer(link, bytes(buf[offset + 20 : offset + 8 + objlen]))
+                else:
+                    self._control(link, codec.decode(buf[offset : offset + length]), now)
+                offset += length
+                if link.state != UP and link not in self.pending:
+                    break
+        except codec.CodecError as exc:
+            self.counters["dropped_malformed"] += 1
+            log.warning("bad message from %s: %s", link.peer or "peer", exc)
+            link.close(codec.CLOSE_BAD_MESSAGE, str(exc), now)
+            self._forget(link, now)
+            buf.clear()
+            return
+        del buf[:offset]
+
+    def _from_peer(self, link: PeerLink, packet: bytes) -> None:
+        version = packet[0] >> 4
+        if version == 4:
+            group = packet[16:20]
+            valid = packet[16] & 0xF0 == 0xE0 and group[:3] != LINK_LOCAL_V4
+        elif version == 6 and len(packet) >= 40:
+            group = packet[24:40]
+            valid = packet[24] == 0xFF and packet[25] & 0x0F > 2
+        else:
+            valid = False
+        if not valid:
+            self.counters["dropped_malformed"] += 1
+            return
+        route = self.routes.get(group)
+        if route is None:
+            self.counters["unwanted"] += 1
+            return
+        if version == 4:
+            self._forward_v4(route, packet, link)
+        else:
+            self._forward_v6(route, packet, link)
+
+    def _control(self, link: PeerLink, msg: codec.Message, now: float) -> None:
+        if isinstance(msg, Open):
+            expected = {peer for peer, dials in self.neighbours.items() if not dials}
+            problem = link.on_open(msg, expected, now)
+            if problem is not None:
+                log.warning("refused link from %s: %s", msg.node, problem)
+                self.last_errors[msg.node] = problem
+                self._forget(link, now)
+                return
+            self.pending.remove(link)
+            old = self.links.get(msg.node)
+            if old is not None:
+                old.close(codec.CLOSE_REPLACED, "replaced by a new connection", now)
+                self._forget(old, now)
+            self.links[msg.node] = link
+            self.last_errors.pop(msg.node, None)
+            log.info("link to %s up", msg.node)
+            self._apply(self.interest.peer_up(msg.node), now)
+        elif link.state != UP:
+            if isinstance(msg, Close):
+                link.on_close(msg)
+                self._forget(link, now)
+            else:
+                link.close(codec.CLOSE_BAD_MESSAGE, "message before open", now)
+                self._forget(link, now)
+        elif isinstance(msg, KeepAlive):
+            link.on_keepalive(msg, now)
+        elif isinstance(msg, AddRoute | RemoveRoute):
+            peer = link.peer
+            assert peer is not None
+            for route in msg.routes:
+                want = (
+                    Filter(route.mode, frozenset(route.sources))
+                    if isinstance(msg, AddRoute)
+                    else None
+                )
+                self._apply(self.interest.set_requested(peer, route.group, want), now)
+                self._rebuild(self._route(route.group))
+            self._prune()
+        elif isinstance(msg, Close):
+            link.on_close(msg)
+            self._forget(link, now)
+        elif isinstance(msg, IpData):  # pragma: no cover - handled on the fast path
+            pass
+
+    # -- membership and interest ---------------------------------------------------
+
+    def _queries(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, SendQuery):
+                self.tap_out.append(frame_for_ip(action.packet, self.mac))
+
+    def _membership(self, actions: list[Any], now: float) -> None:
+        for action in actions:
+            if isinstance(action, SendQuery):
+                self.tap_out.append(frame_for_ip(action.packet, self.mac))
+            elif isinstance(action, MembershipChange):
+                want = Filter(action.mode, frozenset(action.sources))
+                if want.empty:
+                    want = None
+                self._apply(self.interest.set_local(action.group, want), now)
+                route = self._route(action.group)
+                route.local = want
+                self._rebuild(route)
+                self._prune()
+
+    def _apply(self, updates: list[Update], now: float) -> None:
+        """Tell neighbours what changed in what we want from them."""
+        adds: dict[str, list[Route]] = {}
+        removes: dict[str, list[Route]] = {}
+        for peer, group, want in updates:
+            address = self.map_group(group)
+            if want is None:
+                removes.setdefault(peer, []).append(Route(address, group))
+            else:
+                route = Route(address, group, want.mode, tuple(sorted(want.sources)))
+                adds.setdefault(peer, []).append(route)
+        for table, add in ((adds, True), (removes, False)):
+            for peer, routes in table.items():
+                link = self.links.get(peer)
+                if link is None:
+                    continue
+                for message in codec.encode_routes(add, routes):
+                    link.send(message)
+
+    def _route(self, group: bytes) -> GroupRoute:
+        route = self.routes.get(group)
+        if route is None:
+            ethertype = ETHERTYPE_IPV4 if len(group) == 4 else ETHERTYPE_IPV6
+            route = GroupRoute(
+                group,
+                self.map_group(group),
+                ethernet_header(multicast_mac(group), self.mac, ethertype),
+            )
+            self.routes[group] = route
+        return route
+
+    def _rebuild(self, route: GroupRoute) -> None:
+        """Recompute which links want `route.group`, from what each neighbour asked."""
+        route.links_any = []
+        route.links_some = []
+        for peer, asks in self.interest.requested.items():
+            want = asks.get(route.group)
+            link = self.links.get(peer)
+            if want is None or link is None:
+                continue
+            if want.any_source:
+                route.links_any.append(link)
+            else:
+                route.links_some.append((link, want))
+        route.local = self.interest.local.get(route.group)
+
+    def _prune(self) -> None:
+        for group in [g for g, r in self.routes.items() if r.idle]:
+            del self.routes[group]
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        from mcmw.status import node_status
+
+        return node_status(self, now)
+

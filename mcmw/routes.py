@@ -1,0 +1,28 @@
+"""The forwarding table: per group, which links and whether the local segment get a packet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from overlay.interest import Filter
+from overlay.link import PeerLink
+
+
+@dataclass
+class GroupRoute:
+    """Outputs of one group, laid out for the per-packet path.
+
+    `links_any` want every source; `links_some` want the sources their filter admits;
+    `local` is the segment's filter (None: no local member).
+    """
+
+    group: bytes
+    overlay_address: int
+    eth_header: bytes
+    links_any: list[PeerLink] = field(default_factory=list)
+    links_some: list[tuple[PeerLink, Filter]] = field(default_factory=list)
+    local: Filter | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.links_any and not self.links_some and self.local is None

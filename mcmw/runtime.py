@@ -1,0 +1,297 @@
+"""`mcmw run`: the asyncio shell around the node core. It only moves bytes and time.
+
+One event loop (uvloop) serves the TAP, the peer sockets, the control socket and a
+timer tick. Every event ends in `flush`, which writes what the core queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+
+from mcmw.config import ConfigError, TreeConfig, load_tree
+from mcmw.control import ControlServer
+from mcmw.node import Node
+from overlay.link import CLOSED, PeerLink
+from tap.device import TapDevice, TapError
+
+log = logging.getLogger("mcmw")
+
+TICK = 0.05  # timer resolution, seconds
+TAP_BATCH = 256  # frames read per wake-up before others get a turn
+RECV_SIZE = 256 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+class Connection:
+    """A peer socket and the link state it carries."""
+
+    def __init__(self, sock: socket.socket, link: PeerLink) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.link = link
+        self.writing = False
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.was_up = False
+
+
+class Runtime:
+    def __init__(self, tree: TreeConfig, name: str, socket_path: str) -> None:
+        self.tree = tree
+        self.name = name
+        self.socket_path = socket_path
+        self.loop = asyncio.get_running_loop()
+        self.node = Node(tree, name, time.monotonic())
+        tap_cfg = tree.nodes[name].tap
+        self.tap = TapDevice(tap_cfg.name, tap_cfg.address, tap_cfg.mtu, tap_cfg.ipv6_scopes)
+        self.conns: list[Connection] = []
+        self.listener: socket.socket | None = None
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.control = ControlServer(socket_path, self.status)
+
+    # -- setup and teardown -------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = self.loop
+        self.tap.open()
+        try:
+            self._listen()
+            await self.control.start()
+            loop.add_reader(self.tap.fd, self._tap_readable)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
+            self.node.start(time.monotonic())
+            self._flush()
+            for peer, dials in self.node.neighbours.items():
+                if dials:
+                    self.tasks.append(asyncio.create_task(self._dial(peer)))
+            ticker = asyncio.create_task(self._tick())
+            log.info(
+                "node %s up: tap %s %s, peers %s", self.name, self.tap.name,
+                self.tap.address, ", ".join(self.node.neighbours) or "none",
+            )
+            await self.stopping.wait()
+            ticker.cancel()
+            await self._shutdown()
+        finally:
+            loop.remove_reader(self.tap.fd)
+            self.tap.close()
+            await self.control.stop()
+            if self.listener is not None:
+                loop.remove_reader(self.listener.fileno())
+                self.listener.close()
+        log.info("node %s stopped", self.name)
+        return 0
+
+    def _listen(self) -> None:
+        host, port = self.tree.nodes[self.name].listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        sock.listen(16)
+        sock.setblocking(False)
+        self.listener = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    async def _shutdown(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.node.shutdown(time.monotonic())
+        self._flush()
+        deadline = time.monotonic() + 1.0
+        while any(c.link.tx for c in self.conns) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.conns):
+            self._drop(conn)
+
+    def _reload(self) -> None:
+        try:
+            tree = load_tree(self.tree.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running tree: %s", exc)
+            return
+        if self.name not in tree.nodes:
+            log.error("reload refused: node %s is not in %s", self.name, tree.path)
+            return
+        log.info("reloaded %s (link changes take effect on restart)", tree.path)
+
+    # -- events -------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.node.expire(time.monotonic())
+            self._flush()
+
+    def _tap_readable(self) -> None:
+        frames = self.tap.read_batch(TAP_BATCH)
+        if frames:
+            self.node.tap_frames(frames, time.monotonic())
+            self._flush()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            self._register(sock, self.node.new_link(None, time.monotonic()))
+            self._flush()
+
+    async def _dial(self, peer: str) -> None:
+        host, port = self.tree.nodes[peer].listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        delay = BACKOFF_MIN
+        while True:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(self.loop.sock_connect(sock, (host, port)), 5.0)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                log.debug("dial %s at %s:%d failed: %s", peer, host, port, exc)
+            else:
+                conn = self._register(sock, self.node.new_link(peer, time.monotonic()))
+                self._flush()
+                await conn.done
+                if conn.was_up:
+                    delay = BACKOFF_MIN
+            # Exponential backoff with jitter, so restarted peers are not hit in step.
+            await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _register(self, sock: socket.socket, link: PeerLink) -> Connection:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        conn = Connection(sock, link)
+        self.conns.append(conn)
+        self.loop.add_reader(conn.fd, self._readable, conn)
+        return conn
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(conn, exc.strerror or str(exc))
+            return
+        if not data:
+            self._lost(conn, "connection closed by peer")
+            return
+        self.node.link_data(conn.link, data, time.monotonic())
+        if conn.link.up:
+            conn.was_up = True
+        self._flush()
+
+    def _writable(self, conn: Connection) -> None:
+        self._send(conn)
+
+    def _lost(self, conn: Connection, reason: str) -> None:
+        self.node.link_lost(conn.link, reason, time.monotonic())
+        self._drop(conn)
+        self._flush()
+
+    def _drop(self, conn: Connection) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.remove(conn)
+        self.loop.remove_reader(conn.fd)
+        if conn.writing:
+            self.loop.remove_writer(conn.fd)
+        conn.sock.close()
+        if not conn.done.done():
+            conn.done.set_result(True)
+
+    # -- output -------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        node = self.node
+        if node.tap_out:
+            write = self.tap.write
+            for frame in node.tap_out:
+                if write(frame):
+                    node.tap_tx += 1
+                else:
+                    node.counters["dropped_tap"] += 1
+            node.tap_out.clear()
+        for conn in self.conns:
+            if conn.link.tx and not conn.writing:
+                self._send(conn)
+            elif conn.link.state == CLOSED and not conn.link.tx:
+                self._drop(conn)
+
+    def _send(self, conn: Connection) -> None:
+        tx = conn.link.tx
+        try:
+            sent = conn.sock.send(tx)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                self._lost(conn, exc.strerror or str(exc))
+                return
+            sent = 0
+        del tx[:sent]
+        if tx and not conn.writing:
+            conn.writing = True
+            self.loop.add_writer(conn.fd, self._writable, conn)
+        elif not tx:
+            if conn.writing:
+                conn.writing = False
+                self.loop.remove_writer(conn.fd)
+            if conn.link.state == CLOSED:
+                self._drop(conn)
+
+    def status(self) -> dict[str, object]:
+        return self.node.status(time.monotonic())
+
+
+def run_node(config: str, name: str, socket_path: str, verbose: bool) -> int:
+    """`mcmw run`: load the tree and serve until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"mcmw[{name}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    tree = load_tree(config)
+    if name not in tree.nodes:
+        raise ConfigError(f"{config}: nodes: no node named {name!r} (have {', '.join(tree.nodes)})")
+    Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> int:
+        return await Runtime(tree, name, socket_path).run()
+
+    try:
+        return uvloop.run(main())
+    except TapError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
+
+

@@ -1,0 +1,110 @@
+"""The status document of a node (SPEC.md "Status") and its human-readable form."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mcmw.node import Node
+
+
+def address_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+def node_status(node: Node, now: float) -> dict[str, Any]:
+    local_state: dict[str, dict[str, Any]] = {}
+    queriers = {}
+    for family, querier in (("igmp", node.igmp), ("mld", node.mld)):
+        snapshot = querier.snapshot(now)
+        for group in snapshot["groups"]:
+            local_state[group["group"]] = group
+        queriers[family] = {k: v for k, v in snapshot.items() if k != "groups"}
+    groups = []
+    for group in sorted(node.interest.groups(), key=lambda g: (len(g), g)):
+        text = address_text(group)
+        local = node.interest.local.get(group)
+        entry: dict[str, Any] = {
+            "group": text,
+            "overlay_address": node.map_group(group),
+            "local": None,
+            "peers": sorted(
+                peer for peer, asks in node.interest.requested.items() if group in asks
+            ),
+        }
+        if local is not None:
+            learned = local_state.get(text, {})
+            entry["local"] = {
+                "mode": local.mode,
+                "sources": sorted(address_text(s) for s in local.sources),
+                "compat_version": learned.get("compat_version"),
+                **{k: v for k, v in learned.items() if k not in ("group", "mode", "sources",
+                                                                 "compat_version")},
+            }
+        groups.append(entry)
+    peers = []
+    for peer, dials in node.neighbours.items():
+        link = node.links.get(peer)
+        entry = {"name": peer, "state": "up" if link is not None else "down",
+                 "role": "dial" if dials else "accept", "transport": "tcp"}
+        if link is not None:
+            entry.update(
+                rtt_ms=None if link.rtt_ms is None else round(link.rtt_ms, 3),
+                tx_packets=link.tx_packets,
+                rx_packets=link.rx_packets,
+                rx_bytes=link.rx_bytes,
+                dropped_queue=link.dropped_queue,
+                up_s=round(now - link.opened_at, 1),
+            )
+        else:
+            entry.update(rtt_ms=None, tx_packets=0, rx_packets=0)
+            if peer in node.last_errors:
+                entry["last_error"] = node.last_errors[peer]
+        peers.append(entry)
+    return {
+        "node": node.name,
+        "uptime_s": round(now - node.started, 1),
+        "tap": {
+            "name": node.config.tap.name,
+            "address": str(node.config.tap.address),
+            "rx_frames": node.tap_rx,
+            "tx_frames": node.tap_tx,
+        },
+        "groups": groups,
+        "peers": peers,
+        "counters": dict(node.counters),
+        "queriers": queriers,
+        "membership_drops": {
+            "igmp": dict(node.igmp.drops),
+            "mld": dict(node.mld.drops),
+        },
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A few lines for a terminal."""
+    tap = status["tap"]
+    lines = [
+        f"node {status['node']}  up {status['uptime_s']}s  tap {tap['name']} "
+        f"rx {tap['rx_frames']} tx {tap['tx_frames']}",
+        "peers:",
+    ]
+    for peer in status["peers"]:
+        rtt = "" if peer.get("rtt_ms") is None else f" rtt {peer['rtt_ms']}ms"
+        why = f"  ({peer['last_error']})" if peer.get("last_error") else ""
+        lines.append(
+            f"  {peer['name']:<12} {peer['state']:<5} tx {peer['tx_packets']} "
+            f"rx {peer['rx_packets']}{rtt}{why}"
+        )
+    lines.append("groups:")
+    for group in status["groups"]:
+        local = group["local"]
+        here = "-" if local is None else f"{local['mode']} {','.join(local['sources']) or '{}'}"
+        lines.append(
+            f"  {group['group']:<20} overlay {group['overlay_address']:<10} local {here:<20} "
+            f"peers {','.join(group['peers']) or '-'}"
+        )
+    counters = "  ".join(f"{k} {v}" for k, v in sorted(status["counters"].items()))
+    lines.append(f"counters: {counters}")
+    return "\n".join(lines)
