@@ -28,11 +28,13 @@ def is_multicast(addr: bytes) -> bool:
     return len(addr) == 4 and 224 <= addr[0] <= 239
 
 
-def _ip_header(src: bytes, dst: bytes, payload_len: int) -> bytes:
-    total = IP_HEADER_LEN + payload_len
+def _ip_header(src: bytes, dst: bytes, payload_len: int, ttl: int = 1,
+               router_alert: bool = True) -> bytes:
+    options = ROUTER_ALERT if router_alert else b""
+    total = 20 + len(options) + payload_len
     # TOS 0xc0 (internetwork control) and DF, as Linux sends its own IGMP.
-    head = struct.pack("!BBHHHBBH4s4s", 0x46, 0xC0, total, 0, 0x4000, 1, 2, 0, src, dst)
-    head += ROUTER_ALERT
+    head = struct.pack("!BBHHHBBH4s4s", 0x45 + len(options) // 4, 0xC0, total, 0, 0x4000,
+                       ttl, 2, 0, src, dst) + options
     return head[:10] + struct.pack("!H", inet_checksum(head)) + head[12:]
 
 
@@ -211,5 +213,43 @@ def build_query(
         # v2: Max Resp Time in tenths, 1..255; v1: zero, which is how hosts tell v1.
         code = min(255, max(1, tenths)) if version == 2 else 0
         body = struct.pack("!BBH4s", QUERY, code, 0, group_field)
-    body = body[:2] + struct.pack("!H", inet_checksum(body)) + body[4:]
-    return _ip_header(src, dst, len(body)) + body, dst
+    return build_packet(_with_checksum(body), src, dst), dst
+
+
+def _with_checksum(body: bytes) -> bytes:
+    return body[:2] + struct.pack("!H", inet_checksum(body)) + body[4:]
+
+
+def build_packet(body: bytes, src: bytes, dst: bytes, ttl: int = 1,
+                 router_alert: bool = True) -> bytes:
+    """Wrap an IGMP message (checksum already set) in an IPv4 header."""
+    return _ip_header(src, dst, len(body), ttl, router_alert) + body
+
+
+def build_report(
+    version: int,
+    src: bytes,
+    group: bytes | None = None,
+    records: tuple[GroupRecord, ...] | list[GroupRecord] = (),
+    dst: bytes | None = None,
+) -> bytes:
+    """A host's report as a whole IPv4 packet: v1/v2 for `group`, v3 with `records`.
+
+    For tests, tools and replays; the router itself only sends queries.
+    """
+    if version == 3:
+        body = struct.pack("!BBHHH", V3_REPORT, 0, 0, 0, len(records))
+        for r in records:
+            body += struct.pack("!BBH4s", r.type, r.aux_len, len(r.sources), r.group)
+            body += b"".join(r.sources) + bytes(4 * r.aux_len)
+        return build_packet(_with_checksum(body), src, dst or ALL_V3_ROUTERS)
+    assert group is not None
+    kind = V1_REPORT if version == 1 else V2_REPORT
+    body = _with_checksum(struct.pack("!BBH4s", kind, 0, 0, group))
+    return build_packet(body, src, dst or group, router_alert=version != 1)
+
+
+def build_leave(src: bytes, group: bytes, dst: bytes = ALL_ROUTERS) -> bytes:
+    """An IGMPv2 Leave Group as a whole IPv4 packet."""
+    body = _with_checksum(struct.pack("!BBH4s", V2_LEAVE, 0, 0, group))
+    return build_packet(body, src, dst)

@@ -222,7 +222,42 @@ def build_query(
         body += b"".join(sources)
     else:
         body = struct.pack("!BBHHH16s", QUERY, 0, 0, min(ms, 0xFFFF), 0, group_field)
+    return build_packet(body, src, dst), dst
+
+
+def build_packet(body: bytes, src: bytes, dst: bytes, hop_limit: int = 1,
+                 router_alert: bool = True) -> bytes:
+    """Set the ICMPv6 checksum of MLD message `body` and wrap it in IPv6 (+ hop-by-hop)."""
     body = body[:2] + struct.pack("!H", _icmp6_checksum(src, dst, body)) + body[4:]
-    plen = len(HBH_ROUTER_ALERT) + len(body)
-    head = struct.pack("!IHBB16s16s", 6 << 28, plen, HOP_BY_HOP, 1, src, dst)
-    return head + HBH_ROUTER_ALERT + body, dst
+    ext = HBH_ROUTER_ALERT if router_alert else b""
+    head = struct.pack("!IHBB16s16s", 6 << 28, len(ext) + len(body),
+                       HOP_BY_HOP if router_alert else ICMPV6, hop_limit, src, dst)
+    return head + ext + body
+
+
+def build_report(
+    version: int,
+    src: bytes,
+    group: bytes | None = None,
+    records: tuple[GroupRecord, ...] | list[GroupRecord] = (),
+    dst: bytes | None = None,
+) -> bytes:
+    """A listener's report as a whole IPv6 packet: v1 for `group`, v2 with `records`.
+
+    For tests, tools and replays; the router itself only sends queries.
+    """
+    if version == 2:
+        body = struct.pack("!BBHHH", V2_REPORT, 0, 0, 0, len(records))
+        for r in records:
+            body += struct.pack("!BBH16s", r.type, r.aux_len, len(r.sources), r.group)
+            body += b"".join(r.sources) + bytes(4 * r.aux_len)
+        return build_packet(body, src, dst or ALL_MLDV2_ROUTERS)
+    assert group is not None
+    body = struct.pack("!BBHHH16s", V1_REPORT, 0, 0, 0, 0, group)
+    return build_packet(body, src, dst or group)
+
+
+def build_done(src: bytes, group: bytes, dst: bytes = ALL_ROUTERS) -> bytes:
+    """An MLDv1 Done as a whole IPv6 packet."""
+    body = struct.pack("!BBHHH16s", V1_DONE, 0, 0, 0, 0, group)
+    return build_packet(body, src, dst)

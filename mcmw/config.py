@@ -43,7 +43,7 @@ class ConfigError(Exception):
     """A tree file is invalid. str() is one line: 'FILE:LINE: KEY: what is wrong'."""
 
     def __init__(self, message: str, *, line: int | None = None, key: str = "") -> None:
-        super().__init__(message)
+        super().__init__(_one_line(message))
         self.line = line  # 1-based; None when the error is about the file as a whole
         self.key = key  # the key path, e.g. "nodes.bob.igmp.query_interval"
 
@@ -106,6 +106,14 @@ class TreeConfig:
 def load_tree(path: str | Path) -> TreeConfig:
     """Read and validate a tree file; raise ConfigError with a one-line message."""
     return _TreeReader(Path(path)).read()
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped, so that a message stays one line
+    whatever keys, values or file names it quotes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # --- durations --------------------------------------------------------------------
@@ -214,7 +222,7 @@ class _TreeReader:
         return ConfigError(prefix + message, line=at.line, key=at.path)
 
     def warn(self, at: _At, message: str) -> None:
-        self.warnings.append(f"{self.file}:{at.line}: {at.path}: {message}")
+        self.warnings.append(_one_line(f"{self.file}:{at.line}: {at.path}: {message}"))
 
     # -- the file
 
@@ -249,9 +257,10 @@ class _TreeReader:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             where = f"{self.file}:{mark.line + 1}:{mark.column + 1}" if mark else self.file
-            what = " ".join(part for part in (exc.problem, exc.context) if part)
-            what = " ".join(what.split())  # the parser's messages may span lines
             line = mark.line + 1 if mark else None
+            lines = text.splitlines()
+            source = lines[line - 1] if line and line <= len(lines) else ""
+            what = _yaml_problem(exc, source)
             raise ConfigError(f"{where}: not valid YAML: {what}", line=line) from None
         except yaml.YAMLError as exc:
             raise ConfigError(
@@ -729,6 +738,23 @@ class _TreeReader:
                     f"{host} is inside the TAP subnet {subnet}; "
                     "peer links would be routed into the TAP",
                 )
+
+
+# `listen: [::1]:7000` unquoted: YAML reads `[` as the start of a list.
+_BARE_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:")
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError, source_line: str) -> str:
+    """PyYAML's problem and context as one line, with a hint for a common slip."""
+    problem, context = exc.problem or "", exc.context or ""
+    if context.startswith("while"):
+        what = f"{problem} ({context})" if problem else context
+    else:
+        what = f"{context} {problem}".strip()
+    what = " ".join(what.split())  # the parser's messages may span lines
+    if _BARE_IPV6.search(source_line):
+        what += '; quote an IPv6 host:port, as in "[::1]:7000"'
+    return what
 
 
 def _reachable(adjacent: dict[str, list[str]], start: str) -> set[str]:

@@ -43,6 +43,14 @@ LINK_LOCAL_V4 = b"\xe0\x00\x00"
 TTL_CSUM = struct.Struct("!BBH")  # TTL, protocol, header checksum at offset 8 of IPv4
 
 
+def carried(group: bytes) -> bool:
+    """Whether the overlay carries a group: never the link-local ones (224.0.0/24, ff0X::
+    of scope 0-2), which belong to one segment."""
+    if len(group) == 4:
+        return group[:3] != LINK_LOCAL_V4
+    return group[1] & 0x0F > 2
+
+
 def decrement_ttl(packet: bytearray) -> None:
     """TTL - 1 with the header checksum updated incrementally (RFC 1624, eqn. 3)."""
     ttl, proto, csum = TTL_CSUM.unpack_from(packet, 8)
@@ -91,15 +99,15 @@ class Node:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        self._queries(self.igmp.start(now))
-        self._queries(self.mld.start(now))
+        self._membership(self.igmp.start(now), now)
+        self._membership(self.mld.start(now), now)
 
     def shutdown(self, now: float) -> None:
         """Tell every peer we are leaving."""
         for link in [*self.links.values(), *self.pending]:
             link.close(codec.CLOSE_NORMAL, "node shutting down", now)
-        self._queries(self.igmp.stop(now))
-        self._queries(self.mld.stop(now))
+        self._membership(self.igmp.stop(now), now)
+        self._membership(self.mld.stop(now), now)
 
     def new_link(self, peer: str | None, now: float) -> PeerLink:
         """A TCP connection was made: to `peer` when we dialed, from someone when None."""
@@ -134,8 +142,8 @@ class Node:
 
     def expire(self, now: float) -> None:
         """Run every timer that is due."""
-        self._queries(self.igmp.expire(now))
-        self._queries(self.mld.expire(now))
+        self._membership(self.igmp.expire(now), now)
+        self._membership(self.mld.expire(now), now)
         for link in [*self.links.values(), *self.pending]:
             link.tick(now)
             if link.state == CLOSED:
@@ -172,7 +180,9 @@ class Node:
                     self.counters["dropped_malformed"] += 1
                     continue
                 nh = frame[20]
-                if nh == NH_HOP_BY_HOP or (nh == NH_ICMPV6 and frame[54:55] and frame[54] in MLD_TYPES):
+                if nh == NH_HOP_BY_HOP or (
+                    nh == NH_ICMPV6 and frame[54:55] and frame[54] in MLD_TYPES
+                ):
                     self._membership(self.mld.handle(frame[14:], now), now)
                     continue
                 group = frame[38:54]
@@ -268,9 +278,11 @@ class Node:
                     break
                 if opcode == codec.OP_IP_DATA and link.state == UP:
                     _, _, _, _, objlen, cnum, ctype, _, _ = unpack_head(buf, offset)
-                    if cnum != codec.CNUM_CLIENT_SI or not 28 + 8 <= objlen <= length - 8 or (
-                        (objlen + 3) & ~3
-                    ) != length - 8:
+                    if (
+                        cnum != codec.CNUM_CLIENT_SI
+                        or not 28 + 8 <= objlen <= length - 8
+                        or ((objlen + 3) & ~3) != length - 8
+                    ):
                         raise codec.CodecError("ip-data object does not fit its message")
                     link.rx_packets += 1
                     self._from_peer(link, bytes(buf[offset + 20 : offset + 8 + objlen]))
@@ -357,16 +369,11 @@ class Node:
 
     # -- membership and interest ---------------------------------------------------
 
-    def _queries(self, actions: list[Any]) -> None:
-        for action in actions:
-            if isinstance(action, SendQuery):
-                self.tap_out.append(frame_for_ip(action.packet, self.mac))
-
     def _membership(self, actions: list[Any], now: float) -> None:
         for action in actions:
             if isinstance(action, SendQuery):
                 self.tap_out.append(frame_for_ip(action.packet, self.mac))
-            elif isinstance(action, MembershipChange):
+            elif isinstance(action, MembershipChange) and carried(action.group):
                 want = Filter(action.mode, frozenset(action.sources))
                 if want.empty:
                     want = None
@@ -432,4 +439,3 @@ class Node:
         from mcmw.status import node_status
 
         return node_status(self, now)
-

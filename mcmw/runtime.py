@@ -79,8 +79,11 @@ class Runtime:
                     self.tasks.append(asyncio.create_task(self._dial(peer)))
             ticker = asyncio.create_task(self._tick())
             log.info(
-                "node %s up: tap %s %s, peers %s", self.name, self.tap.name,
-                self.tap.address, ", ".join(self.node.neighbours) or "none",
+                "node %s up: tap %s %s, peers %s",
+                self.name,
+                self.tap.name,
+                self.tap.address,
+                ", ".join(self.node.neighbours) or "none",
             )
             await self.stopping.wait()
             ticker.cancel()
@@ -293,5 +296,3 @@ def run_node(config: str, name: str, socket_path: str, verbose: bool) -> int:
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-
-

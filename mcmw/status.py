@@ -17,7 +17,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
     local_state: dict[str, dict[str, Any]] = {}
     queriers = {}
     for family, querier in (("igmp", node.igmp), ("mld", node.mld)):
-        snapshot = querier.snapshot(now)
+        snapshot = querier.status(now)
         for group in snapshot["groups"]:
             local_state[group["group"]] = group
         queriers[family] = {k: v for k, v in snapshot.items() if k != "groups"}
@@ -39,15 +39,22 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
                 "mode": local.mode,
                 "sources": sorted(address_text(s) for s in local.sources),
                 "compat_version": learned.get("compat_version"),
-                **{k: v for k, v in learned.items() if k not in ("group", "mode", "sources",
-                                                                 "compat_version")},
+                **{
+                    k: v
+                    for k, v in learned.items()
+                    if k not in ("group", "mode", "sources", "compat_version")
+                },
             }
         groups.append(entry)
     peers = []
     for peer, dials in node.neighbours.items():
         link = node.links.get(peer)
-        entry = {"name": peer, "state": "up" if link is not None else "down",
-                 "role": "dial" if dials else "accept", "transport": "tcp"}
+        entry = {
+            "name": peer,
+            "state": "up" if link is not None else "down",
+            "role": "dial" if dials else "accept",
+            "transport": "tcp",
+        }
         if link is not None:
             entry.update(
                 rtt_ms=None if link.rtt_ms is None else round(link.rtt_ms, 3),

@@ -132,8 +132,10 @@ def _pad(length: int) -> int:
 
 
 def _object(cnum: int, content: bytes) -> bytes:
-    return OBJECT_HEADER.pack(OBJECT_HEADER_LEN + len(content), cnum, 1) + content + bytes(
-        _pad(len(content))
+    return (
+        OBJECT_HEADER.pack(OBJECT_HEADER_LEN + len(content), cnum, 1)
+        + content
+        + bytes(_pad(len(content)))
     )
 
 
@@ -156,8 +158,15 @@ def ip_data_header(overlay_address: int, seq: int, packet_len: int) -> bytes:
     content = 8 + packet_len
     total = IP_DATA_HEAD_LEN + packet_len + _pad(content)
     return IP_DATA_HEAD.pack(
-        VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, total, OBJECT_HEADER_LEN + content,
-        CNUM_CLIENT_SI, 1, overlay_address, seq,
+        VERSION_FLAGS,
+        OP_IP_DATA,
+        CLIENT_TYPE,
+        total,
+        OBJECT_HEADER_LEN + content,
+        CNUM_CLIENT_SI,
+        1,
+        overlay_address,
+        seq,
     )
 
 
@@ -176,14 +185,21 @@ def encode(msg: Message) -> bytes:
                 _object(CNUM_KA_TIMER, KA_TIMER.pack(0, msg.dead_interval)),
                 _object(
                     CNUM_CLIENT_SI,
-                    OPEN_INFO.pack(msg.version, msg.address_bits, MAPPING_CODES[msg.mapping],
-                                   TTL_CODES[msg.ttl_mode], msg.udp_port, 0),
+                    OPEN_INFO.pack(
+                        msg.version,
+                        msg.address_bits,
+                        MAPPING_CODES[msg.mapping],
+                        TTL_CODES[msg.ttl_mode],
+                        msg.udp_port,
+                        0,
+                    ),
                 ),
             ],
         )
     if isinstance(msg, KeepAlive):
         return _message(
-            OP_KEEPALIVE, [_object(CNUM_CLIENT_SI, KEEPALIVE_INFO.pack(msg.timestamp_ns, msg.echo_ns))]
+            OP_KEEPALIVE,
+            [_object(CNUM_CLIENT_SI, KEEPALIVE_INFO.pack(msg.timestamp_ns, msg.echo_ns))],
         )
     if isinstance(msg, AddRoute | RemoveRoute):
         opcode = OP_ADD_ROUTE if isinstance(msg, AddRoute) else OP_REMOVE_ROUTE
@@ -273,9 +289,7 @@ def _decode_route(content: bytes) -> Route:
     group = content[start : start + size]
     if (family == 4 and group[0] >> 4 != 0xE) or (family == 6 and group[0] != 0xFF):
         raise CodecError("route group is not a multicast address")
-    sources = tuple(
-        content[start + size * (i + 1) : start + size * (i + 2)] for i in range(count)
-    )
+    sources = tuple(content[start + size * (i + 1) : start + size * (i + 2)] for i in range(count))
     return Route(address, group, MODE_NAMES[mode], sources)
 
 

@@ -120,6 +120,7 @@ class PeerLink:
 
     def next_deadline(self) -> float:
         if self.state == UP:
-            return min(self.last_keepalive + self.keepalive_interval,
-                       self.last_rx + self.dead_interval)
+            return min(
+                self.last_keepalive + self.keepalive_interval, self.last_rx + self.dead_interval
+            )
         return self.last_rx + self.dead_interval

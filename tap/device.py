@@ -81,8 +81,17 @@ class TapDevice:
         _ip("link", "set", name, "up")
         _ip("route", "replace", "224.0.0.0/4", "dev", name)
         for scope in self.ipv6_scopes:
-            _ip("-6", "route", "replace", "multicast", f"ff{scope:02x}::/16", "dev", name,
-                "table", "local")
+            _ip(
+                "-6",
+                "route",
+                "replace",
+                "multicast",
+                f"ff{scope:02x}::/16",
+                "dev",
+                name,
+                "table",
+                "local",
+            )
 
     def read_batch(self, limit: int) -> list[bytes]:
         """Frames the kernel sent, up to `limit`, stopping early at EAGAIN."""

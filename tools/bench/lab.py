@@ -36,7 +36,9 @@ def build_helpers(dest: Path) -> dict[str, Path]:
     return bins
 
 
-def run(argv: list[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], check: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
@@ -62,7 +64,9 @@ class Lab:
         self.exec(name, ["ip", "link", "set", "lo", "up"])
         return name
 
-    def exec(self, ns: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, ns: str, argv: list[str], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", ns, *argv], check=check)
 
     def ifname(self, short: str) -> str:
@@ -74,8 +78,23 @@ class Lab:
     def veth(self, ns_a: str, addr_a: str, ns_b: str, addr_b: str) -> tuple[str, str]:
         """Join two namespaces with a veth pair carrying the given CIDR addresses."""
         dev_a, dev_b = self.ifname("va"), self.ifname("vb")
-        run(["ip", "link", "add", dev_a, "netns", ns_a, "type", "veth",
-             "peer", "name", dev_b, "netns", ns_b])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                dev_a,
+                "netns",
+                ns_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev_b,
+                "netns",
+                ns_b,
+            ]
+        )
         for ns, dev, addr in ((ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b)):
             self.exec(ns, ["ip", "addr", "add", addr, "dev", dev])
             self.exec(ns, ["ip", "link", "set", dev, "up"])
@@ -88,11 +107,18 @@ class Lab:
 
     # -- processes --------------------------------------------------------------------
 
-    def popen(self, ns: str, argv: list[str], stdout: int | IO[Any] = subprocess.PIPE,
-              stderr: int | IO[Any] = subprocess.PIPE, **kw: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self,
+        ns: str,
+        argv: list[str],
+        stdout: int | IO[Any] = subprocess.PIPE,
+        stderr: int | IO[Any] = subprocess.PIPE,
+        **kw: Any,
+    ) -> subprocess.Popen[Any]:
         """Start argv in ns. `ip netns exec` execs in place, so the PID is the program's."""
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=stdout,
-                                stderr=stderr, text=True, **kw)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], stdout=stdout, stderr=stderr, text=True, **kw
+        )
         self.processes.append(proc)
         return proc
 
@@ -160,8 +186,10 @@ def link_stats(ns: str) -> dict[str, dict[str, int]]:
         s = link.get("stats64", {})
         rx, tx = s.get("rx", {}), s.get("tx", {})
         stats[link["ifname"]] = {
-            "rx_packets": rx.get("packets", 0), "rx_dropped": rx.get("dropped", 0),
-            "tx_packets": tx.get("packets", 0), "tx_dropped": tx.get("dropped", 0),
+            "rx_packets": rx.get("packets", 0),
+            "rx_dropped": rx.get("dropped", 0),
+            "tx_packets": tx.get("packets", 0),
+            "tx_dropped": tx.get("dropped", 0),
         }
     return stats
 
@@ -169,8 +197,10 @@ def link_stats(ns: str) -> dict[str, dict[str, int]]:
 def snmp_counters(ns: str) -> dict[str, int]:
     """The Udp and Ip drop counters of /proc/net/snmp as seen in ns."""
     text = run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], check=False).stdout
-    wanted = {"Udp": ("InErrors", "RcvbufErrors", "SndbufErrors", "NoPorts"),
-              "Ip": ("InDiscards", "InHdrErrors", "OutDiscards")}
+    wanted = {
+        "Udp": ("InErrors", "RcvbufErrors", "SndbufErrors", "NoPorts"),
+        "Ip": ("InDiscards", "InHdrErrors", "OutDiscards"),
+    }
     lines = text.splitlines()
     counters: dict[str, int] = {}
     for head, values in zip(lines[::2], lines[1::2], strict=False):

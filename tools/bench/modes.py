@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import REPO, Lab, LabError, read_line, stop, wait_for
+from lab import REPO, Lab, LabError, stop, wait_for
 
 GROUP = "239.1.1.1"
 VETH_A, VETH_B = "198.18.0.1", "198.18.0.2"
@@ -57,8 +57,7 @@ def kernel_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
     lab.exec(a, ["ip", "route", "add", "224.0.0.0/4", "dev", va])
     lab.exec(b, ["ip", "route", "add", "224.0.0.0/4", "dev", vb])
     hold_group(lab, bins, b, VETH_B)
-    yield BenchPath("kernel", a, b, VETH_B,
-                    describe=f"A --veth {va}/{vb}--> B, kernel only")
+    yield BenchPath("kernel", a, b, VETH_B, describe=f"A --veth {va}/{vb}--> B, kernel only")
 
 
 @contextmanager
@@ -68,33 +67,44 @@ def crelay_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     tap = lab.ifname("t")
     relays: dict[str, subprocess.Popen[Any]] = {}
+    path: BenchPath | None = None
     try:
-        for name, ns, mine, peer, addr in (("relay-a", a, VETH_A, VETH_B, TAP_A),
-                                           ("relay-b", b, VETH_B, VETH_A, TAP_B)):
+        for name, ns, mine, peer, addr in (
+            ("relay-a", a, VETH_A, VETH_B, TAP_A),
+            ("relay-b", b, VETH_B, VETH_A, TAP_B),
+        ):
             relays[name] = lab.start_ready(
-                ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100"])
+                ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100"]
+            )
             lab.exec(ns, ["ip", "addr", "add", f"{addr}/16", "dev", tap])
             lab.exec(ns, ["ip", "link", "set", tap, "up"])
             lab.exec(ns, ["ip", "route", "add", "224.0.0.0/4", "dev", tap])
             # The stream's source (A's TAP address) arrives on B's TAP; keep the reverse
             # path filter out of the way, as mcmw does on its own TAP.
-            lab.sysctl(ns, **{"net.ipv4.conf.all.rp_filter": 0,
-                              f"net.ipv4.conf.{tap}.rp_filter": 0})
+            lab.sysctl(
+                ns, **{"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{tap}.rp_filter": 0}
+            )
         hold_group(lab, bins, b, TAP_B)
-        path = BenchPath("c-relay", a, b, TAP_B,
-                         forwarders={n: p.pid for n, p in relays.items()},
-                         describe=f"A --TAP {tap}--> relay.c --UDP/veth--> relay.c --TAP--> B")
+        path = BenchPath(
+            "c-relay",
+            a,
+            b,
+            TAP_B,
+            forwarders={n: p.pid for n, p in relays.items()},
+            describe=f"A --TAP {tap}--> relay.c --UDP/veth--> relay.c --TAP--> B",
+        )
         yield path
     finally:
+        # The relays print their own counters on SIGTERM: keep them as diagnostics.
         for name, proc in relays.items():
             stop(proc)
-            out = proc.stdout.read() if proc.stdout else ""
+            out = (proc.stdout.read() if proc.stdout else "").strip()
             try:
-                lab_extra = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            except (ValueError, IndexError):
-                lab_extra = {"stdout": out[-500:]}
-            if "path" in locals():
-                path.extra[name] = lab_extra
+                final = json.loads(out.splitlines()[-1]) if out else {}
+            except ValueError:
+                final = {"stdout": out[-500:]}
+            if path is not None:
+                path.extra[name] = final
 
 
 def mcmw_status(sock: Path) -> dict[str, Any] | None:
@@ -102,7 +112,11 @@ def mcmw_status(sock: Path) -> dict[str, Any] | None:
     try:
         proc = subprocess.run(
             [str(MCMW_PYTHON), "-m", "mcmw", "status", "--socket", str(sock), "--json"],
-            capture_output=True, text=True, timeout=10, cwd=REPO)
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=REPO,
+        )
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode != 0:
@@ -115,19 +129,18 @@ def mcmw_status(sock: Path) -> dict[str, Any] | None:
 
 
 def mcmw_tree(transport: str) -> str:
-    """The two-node tree file; with transport 'udp' node a announces a UDP data port."""
-    udp_a = "    udp: 7001\n" if transport == "udp" else ""
-    udp_b = "    udp: 7001\n" if transport == "udp" else ""
+    """The two-node tree file; with transport 'udp' both nodes announce a UDP data port."""
+    udp = "    udp: 7001\n" if transport == "udp" else ""
     return (
         "overlay:\n"
         "  address_bits: 24\n"
         "  mapping: modulo\n"
         "nodes:\n"
         "  a:\n"
-        f"    listen: {VETH_A}:7000\n{udp_a}"
+        f"    listen: {VETH_A}:7000\n{udp}"
         f"    tap: {{name: mcmw0, address: {TAP_A}/16}}\n"
         "  b:\n"
-        f"    listen: {VETH_B}:7000\n{udp_b}"
+        f"    listen: {VETH_B}:7000\n{udp}"
         f"    tap: {{name: mcmw0, address: {TAP_B}/16}}\n"
         "links:\n"
         "  - [a, b]\n"
@@ -138,7 +151,11 @@ def mcmw_runnable() -> str | None:
     """None when `python -m mcmw run` gets past argument parsing, else why not."""
     probe = subprocess.run(
         [str(MCMW_PYTHON), "-c", "import mcmw.runtime, mcmw.control"],
-        capture_output=True, text=True, timeout=30, cwd=REPO)
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         return f"mcmw node not importable yet ({last})"
@@ -184,44 +201,77 @@ def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterat
             logs[node] = lab.workdir / f"{node}.log"
             with logs[node].open("w") as log:
                 nodes[node] = lab.popen(
-                    ns, [str(MCMW_PYTHON), "-m", "mcmw", "run", "-c", str(tree), "--node", node,
-                         "--socket", str(socks[node])],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                    ns,
+                    [
+                        str(MCMW_PYTHON),
+                        "-m",
+                        "mcmw",
+                        "run",
+                        "-c",
+                        str(tree),
+                        "--node",
+                        node,
+                        "--socket",
+                        str(socks[node]),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                )
         for node in ("a", "b"):
             wait_for(f"mcmw {node}: peer up", lambda n=node: peer_up(n), 30, 0.2)
         # The receiver joins by route: 224/4 dev mcmw0 is mcmw's own route in B.
         hold_group(lab, bins, b, None)
-        wait_for(f"mcmw b: {GROUP} joined locally",
-                 lambda: (g := group_of("b")) is not None and bool(g.get("local")), 30, 0.2)
+        wait_for(
+            f"mcmw b: {GROUP} joined locally",
+            lambda: (g := group_of("b")) is not None and bool(g.get("local")),
+            30,
+            0.2,
+        )
         # Node a must have heard b's interest (Add-Route) before the sender starts.
-        wait_for(f"mcmw a: route for {GROUP} towards b",
-                 lambda: (g := group_of("a")) is not None and "b" in g.get("peers", []), 30, 0.2)
+        wait_for(
+            f"mcmw a: route for {GROUP} towards b",
+            lambda: (g := group_of("a")) is not None and "b" in g.get("peers", []),
+            30,
+            0.2,
+        )
 
         def counters() -> dict[str, Any]:
             out: dict[str, Any] = {}
             for node in ("a", "b"):
                 st = mcmw_status(socks[node]) or {}
-                out[node] = {"tap": st.get("tap"), "counters": st.get("counters"),
-                             "peers": [{k: p.get(k) for k in ("transport", "tx_packets",
-                                                              "rx_packets")}
-                                       for p in st.get("peers", [])]}
+                out[node] = {
+                    "tap": st.get("tap"),
+                    "counters": st.get("counters"),
+                    "peers": [
+                        {k: p.get(k) for k in ("transport", "tx_packets", "rx_packets")}
+                        for p in st.get("peers", [])
+                    ],
+                }
             return out
 
         st_a = mcmw_status(socks["a"]) or {}
         used = {p.get("transport") for p in st_a.get("peers", [])}
-        path = BenchPath(f"mcmw-{transport}" if transport != "tcp" else "mcmw", a, b, None,
-                         forwarders={"mcmw-a": nodes["a"].pid, "mcmw-b": nodes["b"].pid},
-                         counters=counters,
-                         describe=f"A --TAP--> mcmw a --{'/'.join(sorted(map(str, used)))}"
-                                  f"/veth--> mcmw b --TAP--> B")
+        path = BenchPath(
+            f"mcmw-{transport}" if transport != "tcp" else "mcmw",
+            a,
+            b,
+            None,
+            forwarders={"mcmw-a": nodes["a"].pid, "mcmw-b": nodes["b"].pid},
+            counters=counters,
+            describe=f"A --TAP--> mcmw a --{'/'.join(sorted(map(str, used)))}"
+            f"/veth--> mcmw b --TAP--> B",
+        )
         path.extra["peer_transport"] = sorted(map(str, used))
         yield path
     finally:
         for node, proc in nodes.items():
             stop(proc)
             if proc.returncode not in (0, None, -15):
-                print(f"bench: mcmw {node} exited {proc.returncode}: {log_tail(node)}",
-                      file=sys.stderr)
+                print(
+                    f"bench: mcmw {node} exited {proc.returncode}: {log_tail(node)}",
+                    file=sys.stderr,
+                )
 
 
 MODES: dict[str, Callable[..., Any]] = {
@@ -230,5 +280,3 @@ MODES: dict[str, Callable[..., Any]] = {
     "mcmw": mcmw_path,
     "mcmw-udp": lambda lab, bins: mcmw_path(lab, bins, "udp"),
 }
-
-__all__ = ["BenchPath", "GROUP", "MODES", "LabError", "read_line"]

@@ -1,0 +1,330 @@
+"""Trials and the rate search: send a paced stream along a BenchPath, count what
+arrives, and charge the forwarders' CPU time to the packets delivered.
+
+CPU figures:
+- forwarder CPU: the POSIX CPU clock of each forwarding process (all threads, ns
+  resolution; /proc/PID/schedstat is not available on every kernel) summed over the
+  forwarders, delta over the trial. It includes the kernel work their own syscalls do
+  (TAP read/write, UDP/TCP send, and the softirq processing that runs in their
+  context), which is the honest cost of a userspace forwarder.
+- system CPU: the busy time of all CPUs from /proc/stat (includes sender, receiver and
+  anything else running). For the kernel mode it is the only figure; its softirq part
+  is reported on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from lab import Lab, LabError, link_stats, snmp_counters, stop
+from modes import GROUP, BenchPath
+
+PORT = 5001
+SIZE = 1316  # 7 MPEG-TS packets of 188 bytes
+TTL = 16
+LOSS_LIMIT = 0.001  # "loss-free" means < 0.1 %
+USER_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_ns(pid: int) -> int | None:
+    """CPU time (user+system, all threads) of pid via its POSIX process CPU clock."""
+    clock = ((~pid) << 3) | 2  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    try:
+        return time.clock_gettime_ns(clock)
+    except OSError:
+        return None
+
+
+def process_ticks(pid: int) -> tuple[int, int] | None:
+    """(utime, stime) in clock ticks from /proc/PID/stat, for the user/system split."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]), int(fields[12])
+
+
+def system_cpu() -> tuple[int, int]:
+    """(busy, softirq) ticks over all CPUs from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = values[:7]
+    return user + nice + system + irq + softirq, softirq
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, Any]:
+    return {
+        "t": time.monotonic(),
+        "ns": {n: process_cpu_ns(p) for n, p in pids.items()},
+        "ticks": {n: process_ticks(p) for n, p in pids.items()},
+        "system": system_cpu(),
+    }
+
+
+def counters_snapshot(path: BenchPath) -> dict[str, Any]:
+    snap: dict[str, Any] = {}
+    for ns in (path.ns_send, path.ns_recv):
+        snap[ns] = {"links": link_stats(ns), "snmp": snmp_counters(ns)}
+    if path.counters:
+        snap["path"] = path.counters()
+    return snap
+
+
+def counter_drops(before: dict[str, Any], after: dict[str, Any], path: BenchPath) -> dict[str, int]:
+    """Non-zero increases of the kernel's drop counters along the path: where loss was."""
+    drops: dict[str, int] = {}
+    for ns, side in ((path.ns_send, "A"), (path.ns_recv, "B")):
+        for dev, stats in after[ns]["links"].items():
+            old = before[ns]["links"].get(dev, {})
+            for key in ("rx_dropped", "tx_dropped"):
+                d = stats.get(key, 0) - old.get(key, 0)
+                if d:
+                    drops[f"{side}:{dev}.{key}"] = d
+        for key, value in after[ns]["snmp"].items():
+            d = value - before[ns]["snmp"].get(key, 0)
+            if d and key != "Udp.NoPorts":  # NoPorts: the holder's group traffic, harmless
+                drops[f"{side}:{key}"] = d
+    return drops
+
+
+def settle(path: BenchPath, timeout: float = 10.0) -> float:
+    """Wait until no packet moves in B (queues of the previous trial drained)."""
+    start = time.monotonic()
+    last: Any = None
+    while time.monotonic() - start < timeout:
+        links = link_stats(path.ns_recv)
+        now = sum(s["rx_packets"] + s["tx_packets"] for s in links.values())
+        if now == last:
+            break
+        last = now
+        time.sleep(0.15)
+    return time.monotonic() - start
+
+
+def run_trial(
+    lab: Lab, bins: dict[str, Path], path: BenchPath, rate: float, duration: float
+) -> dict[str, Any]:
+    """Send rate*duration datagrams at `rate` pps from A to B; count and charge them."""
+    count = max(500, int(rate * duration))
+    trial = secrets.randbits(32)
+    recv_argv = [
+        str(bins["mcrecv"]),
+        "-g",
+        GROUP,
+        "-p",
+        str(PORT),
+        "-T",
+        str(trial),
+        "-n",
+        str(count),
+        "-w",
+        "5",
+        "-I",
+        "0.5",
+    ]
+    if path.recv_ifaddr:
+        recv_argv += ["-i", path.recv_ifaddr]
+    send_argv = [
+        "ip",
+        "netns",
+        "exec",
+        path.ns_send,
+        str(bins["mcsend"]),
+        "-g",
+        GROUP,
+        "-p",
+        str(PORT),
+        "-n",
+        str(count),
+        "-r",
+        str(rate),
+        "-s",
+        str(SIZE),
+        "-t",
+        str(TTL),
+        "-T",
+        str(trial),
+    ]
+
+    receiver = lab.start_ready(path.ns_recv, recv_argv)
+    try:
+        c0 = counters_snapshot(path)
+        s0 = cpu_snapshot(path.forwarders)
+        sent = subprocess.run(send_argv, capture_output=True, text=True, timeout=duration * 3 + 20)
+        if sent.returncode != 0:
+            raise LabError(f"mcsend failed: {sent.stderr.strip()}")
+        out, err = receiver.communicate(timeout=duration * 3 + 20)
+        s1 = cpu_snapshot(path.forwarders)
+        c1 = counters_snapshot(path)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"trial at {rate:.0f} pps did not finish: {exc}") from exc
+    finally:
+        stop(receiver)
+    snd = _last_json(sent.stdout)
+    rcv = _last_json(out)
+    if not rcv:
+        raise LabError(f"mcrecv printed no result: {err.strip()}")
+
+    unique = rcv["unique"]
+    loss = 1.0 - unique / count
+    # How long after the sender's last packet the receiver's last one came: a path that
+    # buffers without bound shows no loss but falls behind the offered rate.
+    lag = (rcv["t_last_ns"] - snd["t_last_ns"]) / 1e9 if rcv["t_last_ns"] else None
+    lag_limit = max(0.1, 0.05 * duration)
+    sender_bound = snd["achieved_pps"] < 0.97 * rate
+
+    result: dict[str, Any] = {
+        "rate_pps": round(rate, 1),
+        "count": count,
+        "sent": snd["sent"],
+        "send_errors": snd["errors"],
+        "achieved_pps": snd["achieved_pps"],
+        "sender_bound": sender_bound,
+        "unique": unique,
+        "received": rcv["received"],
+        "loss": loss,
+        "duplicates": rcv["duplicates"],
+        "reordered": rcv["reordered"],
+        "foreign": rcv["foreign"],
+        "receiver_socket_drops": rcv["socket_drops"],
+        "lag_s": lag,
+        "drops": counter_drops(c0, c1, path),
+    }
+    result.update(_cpu_figures(s0, s1, unique))
+    if path.counters:
+        result["path_counters"] = {"before": c0.get("path"), "after": c1.get("path")}
+    why = []
+    if loss >= LOSS_LIMIT:
+        why.append(f"loss {loss:.2%}")
+    if lag is None or lag > lag_limit:
+        why.append("nothing received" if lag is None else f"lag {lag:.2f}s")
+    result["ok"] = not why
+    result["why"] = ", ".join(why)
+    result["settle_s"] = round(settle(path), 2)
+    return result
+
+
+def _cpu_figures(s0: dict[str, Any], s1: dict[str, Any], packets: int) -> dict[str, Any]:
+    fig: dict[str, Any] = {"wall_s": round(s1["t"] - s0["t"], 3)}
+    per: dict[str, float] = {}
+    for name, ns1 in s1["ns"].items():
+        ns0 = s0["ns"].get(name)
+        if ns0 is not None and ns1 is not None:
+            per[name] = (ns1 - ns0) / 1e9
+    if per:
+        total = sum(per.values())
+        fig["fwd_cpu_s"] = {n: round(v, 4) for n, v in per.items()}
+        fig["fwd_cpu_total_s"] = round(total, 4)
+        fig["fwd_us_per_pkt"] = total / packets * 1e6 if packets else None
+        split = {"user_s": 0.0, "sys_s": 0.0}
+        for name, t1 in s1["ticks"].items():
+            t0 = s0["ticks"].get(name)
+            if t0 and t1:
+                split["user_s"] += (t1[0] - t0[0]) / USER_HZ
+                split["sys_s"] += (t1[1] - t0[1]) / USER_HZ
+        fig["fwd_split"] = split
+    busy = (s1["system"][0] - s0["system"][0]) / USER_HZ
+    soft = (s1["system"][1] - s0["system"][1]) / USER_HZ
+    fig["sys_busy_s"] = busy
+    fig["sys_softirq_s"] = soft
+    fig["sys_us_per_pkt"] = busy / packets * 1e6 if packets else None
+    fig["softirq_us_per_pkt"] = soft / packets * 1e6 if packets else None
+    return fig
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    import json
+
+    for line in reversed(text.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and not value.get("ready"):
+            return value
+    return {}
+
+
+def search(
+    lab: Lab,
+    bins: dict[str, Path],
+    path: BenchPath,
+    *,
+    start: float,
+    ceiling: float,
+    duration: float,
+    precision: float,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Highest rate with < 0.1 % loss and no lag: double from `start` until a trial
+    fails (or the sender cannot go faster), bisect in log space until the bracket is
+    within `precision`, then confirm the result with a repeat trial."""
+    trials: list[dict[str, Any]] = []
+
+    def attempt(rate: float) -> dict[str, Any]:
+        r = run_trial(lab, bins, path, rate, duration)
+        trials.append(r)
+        flag = "ok " if r["ok"] else "BAD"
+        cpu = r.get("fwd_us_per_pkt")
+        cpu_txt = f"  fwd {cpu:6.2f} us/pkt" if cpu is not None else ""
+        log(
+            f"  {path.mode:9s} {flag} {rate:9.0f} pps  loss {r['loss']:7.3%}"
+            f"  sent {r['achieved_pps']:9.0f} pps{cpu_txt}"
+            f"{'  ' + r['why'] if r['why'] else ''}"
+            f"{'  drops ' + str(r['drops']) if r['drops'] and not r['ok'] else ''}"
+        )
+        return r
+
+    good: float | None = None
+    bad: float | None = None
+    sender_bound = False
+    rate = start
+    # Bracket: double until failure; halve first if even `start` fails.
+    while True:
+        r = attempt(rate)
+        if r["ok"]:
+            good = rate
+            if r["sender_bound"]:
+                sender_bound = True
+                break
+            if bad is not None or rate * 2 > ceiling:
+                break
+            rate *= 2
+        else:
+            bad = rate
+            if good is not None or rate / 2 < 250:
+                break
+            rate /= 2
+    if good is not None and bad is not None and not sender_bound:
+        while bad / good > precision:
+            mid = math.sqrt(good * bad)
+            if attempt(mid)["ok"]:
+                good = mid
+            else:
+                bad = mid
+    confirm = None
+    for _ in range(3):
+        if good is None:
+            break
+        confirm = attempt(good)
+        if confirm["ok"]:
+            break
+        # A failed repeat means the rate was marginal: step down and try again.
+        bad, good = good, good / precision
+    if confirm is None or not confirm["ok"]:
+        good = None
+    else:
+        # A sender-bound run offers less than its target: report what was offered.
+        good = min(good, confirm["achieved_pps"])
+    return {
+        "max_pps": round(good, 0) if good else None,
+        "max_mbps": round(good * SIZE * 8 / 1e6, 1) if good else None,
+        "sender_bound": sender_bound,
+        "at_max": confirm,
+        "trials": trials,
+    }

@@ -1,0 +1,269 @@
+"""mcmw forwarding benchmark: kernel vs. a minimal C relay vs. mcmw, in one run.
+
+    sudo .venv/bin/python tools/bench/run.py [--modes kernel,c-relay,mcmw] [--quick]
+
+For each mode a stream of 1316-byte UDP datagrams to 239.1.1.1 (TTL 16) goes from a
+sender in namespace A to a receiver in namespace B. The run finds the highest rate
+with < 0.1 % loss and measures the forwarders' CPU time per packet at one fixed rate,
+prints a table and writes everything (every trial, drop counters) as JSON to
+tools/bench/out/. See tools/bench/README.md and docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script, so this directory is on sys.path and the siblings import directly.
+from lab import HERE, Lab, LabError, build_helpers
+from measure import SIZE, TTL, run_trial, search, system_cpu
+from modes import GROUP, MODES
+
+RATE_BAR, CPU_BAR = 0.70, 2.0  # the issue's bar: mcmw rate >= 70 %, CPU/pkt <= 2x C
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """Busy fraction of the whole machine (in CPUs) while we do nothing: other work on a
+    2-core box skews every figure, so it is recorded with the results."""
+    b0 = system_cpu()[0]
+    time.sleep(seconds)
+    return (system_cpu()[0] - b0) / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def bench_mode(mode: str, bins: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    result: dict[str, Any] = {"mode": mode}
+    with Lab() as lab, MODES[mode](lab, bins) as path:
+        result["path"] = path.describe
+        result["namespaces"] = [path.ns_send, path.ns_recv]
+        # A slow warm-up trial proves the path works before the search relies on it.
+        warm = run_trial(lab, bins, path, 1000, 0.5)
+        if warm["unique"] == 0:
+            raise LabError(f"{mode}: nothing arrives at 1000 pps (drops: {warm['drops']})")
+        print(f"  {mode}: {path.describe}")
+        result["search"] = search(
+            lab,
+            bins,
+            path,
+            start=args.start,
+            ceiling=args.ceiling,
+            duration=args.duration,
+            precision=args.precision,
+        )
+        # CPU per packet at one rate for every mode, so modes are compared at equal load
+        # (per-packet cost falls as rates rise and wake-ups carry more packets).
+        cpu = run_trial(lab, bins, path, args.cpu_rate, args.duration)
+        print(
+            f"  {mode:9s} cpu {args.cpu_rate:9.0f} pps  loss {cpu['loss']:7.3%}"
+            f"  fwd {_fmt(cpu.get('fwd_us_per_pkt'))} us/pkt"
+            f"  system {_fmt(cpu.get('sys_us_per_pkt'))} us/pkt"
+        )
+        result["at_cpu_rate"] = cpu
+        result["extra"] = path.extra
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def _fmt(value: float | None, spec: str = "6.2f") -> str:
+    return format(value, spec) if value is not None else "   n/a"
+
+
+def summary(results: dict[str, dict[str, Any]], cpu_rate: float) -> list[str]:
+    head = (
+        f"{'mode':10s} {'max pps':>9s} {'Mbit/s':>7s} {'fwd us/pkt':>11s} "
+        f"{'sys us/pkt':>11s} {'fwd us/pkt':>11s}  notes"
+    )
+    sub = (
+        f"{'':10s} {'<0.1% loss':>9s} {'':>7s} {f'@{cpu_rate:.0f}pps':>11s} "
+        f"{f'@{cpu_rate:.0f}pps':>11s} {'@max':>11s}"
+    )
+    lines = [head, sub, "-" * len(head)]
+    for mode, r in results.items():
+        if "error" in r:
+            lines.append(
+                f"{mode:10s} {'-':>9s} {'-':>7s} {'-':>11s} {'-':>11s} {'-':>11s}"
+                f"  error: {r['error']}"
+            )
+            continue
+        s, c = r["search"], r["at_cpu_rate"]
+        at_max = s.get("at_max") or {}
+        notes = []
+        if s["sender_bound"]:
+            notes.append("sender-bound (>=)")
+        if not c["ok"]:
+            notes.append(f"cpu trial not clean: {c['why']}")
+        if mode == "kernel":
+            notes.append(f"softirq {_fmt(c.get('softirq_us_per_pkt'), '.2f')} us/pkt")
+        lines.append(
+            f"{mode:10s} {s['max_pps'] or 0:9.0f} {s['max_mbps'] or 0:7.1f} "
+            f"{_fmt(c.get('fwd_us_per_pkt'), '11.2f')} {_fmt(c.get('sys_us_per_pkt'), '11.2f')} "
+            f"{_fmt(at_max.get('fwd_us_per_pkt'), '11.2f')}  {'; '.join(notes)}"
+        )
+    return lines
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """mcmw / c-relay for rate and CPU per packet, against the issue's bar."""
+    base = results.get("c-relay")
+    out: dict[str, Any] = {}
+    if not base or "error" in base:
+        return out
+    for mode in ("mcmw", "mcmw-udp"):
+        r = results.get(mode)
+        if not r or "error" in r:
+            continue
+        rate = (
+            (r["search"]["max_pps"] or 0) / base["search"]["max_pps"]
+            if base["search"]["max_pps"]
+            else None
+        )
+        c_mode = r["at_cpu_rate"].get("fwd_us_per_pkt")
+        c_base = base["at_cpu_rate"].get("fwd_us_per_pkt")
+        cpu = c_mode / c_base if c_mode and c_base else None
+        out[mode] = {
+            "rate_ratio": rate,
+            "cpu_ratio": cpu,
+            "rate_ok": rate is not None and rate >= RATE_BAR,
+            "cpu_ok": cpu is not None and cpu <= CPU_BAR,
+        }
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--modes",
+        default="kernel,c-relay,mcmw",
+        help=f"comma-separated, from {','.join(MODES)} (default %(default)s)",
+    )
+    p.add_argument("--quick", action="store_true", help="1 s trials, coarser search")
+    p.add_argument("--duration", type=float, help="seconds of packets per trial (default 2)")
+    p.add_argument(
+        "--cpu-rate",
+        type=float,
+        default=20000,
+        help="fixed rate for the CPU-per-packet trial (default %(default)s pps)",
+    )
+    p.add_argument("--start", type=float, default=10000, help="first rate tried (pps)")
+    p.add_argument("--ceiling", type=float, default=1_000_000, help="highest rate tried (pps)")
+    p.add_argument("--precision", type=float, help="stop bisecting at high/low < this")
+    p.add_argument("--out", type=Path, default=HERE / "out", help="directory for JSON results")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (1.0 if args.quick else 2.0)
+    args.precision = args.precision or (1.25 if args.quick else 1.1)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (namespaces, TAP devices)", file=sys.stderr)
+        return 2
+    for tool in ("ip", "gcc"):
+        if not shutil.which(tool):
+            print(f"bench: needs {tool}", file=sys.stderr)
+            return 2
+    # SIGTERM unwinds like Ctrl-C, so every `finally` tears its namespaces down.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    started = time.monotonic()
+    info = machine()
+    info["background_cpus_busy"] = round(background_load(), 3)
+    print(
+        f"bench: {info['nproc']} x {info['cpu_model']}, kernel {info['kernel']}, "
+        f"background load {info['background_cpus_busy']:.2f} CPUs"
+    )
+    if info["background_cpus_busy"] > 0.2:
+        print(
+            "bench: warning: the machine is not idle; figures will be low and noisy",
+            file=sys.stderr,
+        )
+    results: dict[str, dict[str, Any]] = {}
+    builddir = Path(tempfile.mkdtemp(prefix="mcmwb-build-"))
+    try:
+        bins = build_helpers(builddir)
+        for mode in args.modes:
+            print(f"bench: {mode}")
+            try:
+                results[mode] = bench_mode(mode, bins, args)
+            except LabError as exc:
+                print(f"bench: {mode}: {exc}", file=sys.stderr)
+                results[mode] = {"mode": mode, "error": str(exc)}
+    except KeyboardInterrupt:
+        print("bench: interrupted; namespaces removed", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(builddir, ignore_errors=True)
+
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "stream": {"group": GROUP, "size": SIZE, "ttl": TTL},
+        "params": {
+            "modes": args.modes,
+            "duration_s": args.duration,
+            "cpu_rate_pps": args.cpu_rate,
+            "start_pps": args.start,
+            "ceiling_pps": args.ceiling,
+            "precision": args.precision,
+            "loss_limit": 0.001,
+        },
+        "results": results,
+        "ratios": ratios(results),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "command": " ".join([sys.executable, *sys.argv]),
+    }
+    print()
+    for line in summary(results, args.cpu_rate):
+        print(line)
+    for mode, r in report["ratios"].items():
+        rate, cpu = r["rate_ratio"], r["cpu_ratio"]
+        print(
+            f"{mode} / c-relay: rate {_fmt(rate, '.2f')} (bar >= {RATE_BAR}: "
+            f"{'pass' if r['rate_ok'] else 'FAIL'}), CPU/pkt {_fmt(cpu, '.2f')} "
+            f"(bar <= {CPU_BAR}: {'pass' if r['cpu_ok'] else 'FAIL'})"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"bench: {report['elapsed_s']:.0f} s; results in {out}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
