@@ -4,7 +4,7 @@
 objects, so that every error can name the line it comes from, and it reads the raw
 text of every scalar itself, so that YAML 1.1 surprises (`1:30` is 90, `0x10` is 16,
 `on` is True) never reach the configuration. Errors are raised as ConfigError with
-one line `FILE:LINE: KEY.PATH: what is wrong`; the first error in the file wins.
+one line `FILE:LINE: KEY.PATH: what is wrong`, for the first error found.
 """
 
 from __future__ import annotations
@@ -263,9 +263,7 @@ class _TreeReader:
             what = _yaml_problem(exc, source)
             raise ConfigError(f"{where}: not valid YAML: {what}", line=line) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"{self.file}: not valid YAML: {' '.join(str(exc).split())}"
-            ) from None
+            raise ConfigError(f"{self.file}: not valid YAML: {' '.join(str(exc).split())}") from None
         except RecursionError:
             raise ConfigError(f"{self.file}: not valid YAML: nested too deeply") from None
         if root is None:
@@ -280,9 +278,7 @@ class _TreeReader:
 
     # -- generic shapes
 
-    def mapping(
-        self, at: _At, required: Iterable[str], optional: Iterable[str] = ()
-    ) -> dict[str, _At]:
+    def mapping(self, at: _At, required: Iterable[str], optional: Iterable[str] = ()) -> dict[str, _At]:
         """The entries of a mapping with fixed keys, each as an _At; none unknown or missing."""
         required, optional = tuple(required), tuple(optional)
         entries = self.entries(at)
@@ -290,12 +286,8 @@ class _TreeReader:
         for key, child in entries.items():
             if key not in allowed:
                 hint = difflib.get_close_matches(key, allowed, n=1)
-                expected = (
-                    f"did you mean '{hint[0]}'?" if hint else "expected " + ", ".join(allowed)
-                )
-                raise self.fail(
-                    replace(child, path=_join(at.path, key)), f"unknown key ({expected})"
-                )
+                expected = f"did you mean '{hint[0]}'?" if hint else "expected " + ", ".join(allowed)
+                raise self.fail(replace(child, path=_join(at.path, key)), f"unknown key ({expected})")
         for key in required:
             if key not in entries:
                 raise self.fail(replace(at, path=_join(at.path, key)), "missing (required)")
@@ -338,9 +330,7 @@ class _TreeReader:
     def items(self, at: _At, what: str) -> list[_At]:
         if not isinstance(at.node, yaml.SequenceNode):
             raise self.fail(at, f"expected a list of {what}, found {_kind(at.node)}")
-        return [
-            _At(item, f"{at.path}[{i}]", _line_of(item)) for i, item in enumerate(at.node.value)
-        ]
+        return [_At(item, f"{at.path}[{i}]", _line_of(item)) for i, item in enumerate(at.node.value)]
 
     def text(self, at: _At) -> str:
         node = at.node
@@ -402,8 +392,7 @@ class _TreeReader:
             blame = keys.get("address_bits") or keys["mapping"]
             raise self.fail(
                 blame,
-                f"identity mapping needs address_bits 32 or more (IPv4 groups are 32 bits), "
-                f"not {bits}",
+                f"identity mapping needs address_bits 32 or more (IPv4 groups are 32 bits), not {bits}",
             )
         secret = self.secret_file(keys["secret_file"]) if "secret_file" in keys else None
         ttl = self.choice(keys["ttl"], TTL_MODES) if "ttl" in keys else defaults.ttl
@@ -412,11 +401,7 @@ class _TreeReader:
             if "keepalive_interval" in keys
             else defaults.keepalive_interval
         )
-        dead = (
-            self.duration(keys["dead_interval"])
-            if "dead_interval" in keys
-            else defaults.dead_interval
-        )
+        dead = self.duration(keys["dead_interval"]) if "dead_interval" in keys else defaults.dead_interval
         if keepalive >= dead:
             blame = keys.get("keepalive_interval") or keys["dead_interval"]
             raise self.fail(
@@ -468,9 +453,7 @@ class _TreeReader:
         listen = self.host_port(keys["listen"])
         udp = self.integer(keys["udp"], 1, 65535) if "udp" in keys else None
         tap = self.tap(keys["tap"])
-        igmp = (
-            self.querier(keys["igmp"], "igmp", IGMP_DEFAULTS) if "igmp" in keys else IGMP_DEFAULTS
-        )
+        igmp = self.querier(keys["igmp"], "igmp", IGMP_DEFAULTS) if "igmp" in keys else IGMP_DEFAULTS
         mld = self.querier(keys["mld"], "mld", MLD_DEFAULTS) if "mld" in keys else MLD_DEFAULTS
         return NodeConfig(name, listen, tap, udp, igmp, mld)
 
@@ -486,9 +469,7 @@ class _TreeReader:
         host = match.group("v6") if match.group("v6") is not None else match.group("v4")
         try:
             address: ipaddress.IPv4Address | ipaddress.IPv6Address = (
-                ipaddress.IPv6Address(host)
-                if match.group("v6") is not None
-                else ipaddress.IPv4Address(host)
+                ipaddress.IPv6Address(host) if match.group("v6") is not None else ipaddress.IPv4Address(host)
             )
         except ValueError:
             raise self.fail(at, usage) from None
@@ -496,9 +477,7 @@ class _TreeReader:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise self.fail(at, f"port '{port_text}' is not a port number (1 to 65535)")
         if address.is_unspecified:
-            raise self.fail(
-                at, f"{address} is not an address peers can dial; write this node's own address"
-            )
+            raise self.fail(at, f"{address} is not an address peers can dial; write this node's own address")
         if address.is_multicast:
             raise self.fail(at, f"{address} is a multicast address; write this node's own address")
         return str(address), int(port_text)
@@ -533,17 +512,14 @@ class _TreeReader:
         try:
             address = ipaddress.IPv4Interface(text)
         except ValueError:
-            raise self.fail(
-                at, f"'{text}' is not an IPv4 address/prefix, such as 169.254.1.1/16"
-            ) from None
+            raise self.fail(at, f"'{text}' is not an IPv4 address/prefix, such as 169.254.1.1/16") from None
         ip, net = address.ip, address.network
         if ip.is_multicast or ip.is_unspecified or ip.is_loopback:
             raise self.fail(at, f"{ip} cannot be an interface address")
         if net.prefixlen < 31 and ip in (net.network_address, net.broadcast_address):
             raise self.fail(
                 at,
-                f"{ip} is the {'network' if ip == net.network_address else 'broadcast'} "
-                f"address of {net}",
+                f"{ip} is the {'network' if ip == net.network_address else 'broadcast'} address of {net}",
             )
         return address
 
@@ -558,8 +534,7 @@ class _TreeReader:
             if scope in (1, 2):
                 raise self.fail(
                     item,
-                    f"scope {scope:x} is {'interface' if scope == 1 else 'link'}-local; "
-                    "it is never carried",
+                    f"scope {scope:x} is {'interface' if scope == 1 else 'link'}-local; it is never carried",
                 )
             if scope in (0, 15):
                 raise self.fail(item, f"scope {scope:x} is reserved (RFC 4291 2.7)")
@@ -643,8 +618,7 @@ class _TreeReader:
                 first = seen[pair]
                 raise self.fail(
                     item,
-                    f"{dialer} and {acceptor} are already linked by {first.path} "
-                    f"(line {first.line})",
+                    f"{dialer} and {acceptor} are already linked by {first.path} (line {first.line})",
                 )
             seen[pair] = item
             links.append((Link(dialer, acceptor), item))
@@ -671,8 +645,7 @@ class _TreeReader:
                 cycle = "-".join([link.dialer, *route])
                 raise self.fail(
                     link_at,
-                    f"[{link.dialer}, {link.acceptor}] closes the cycle {cycle}; "
-                    "the tree must be cycle-free",
+                    f"[{link.dialer}, {link.acceptor}] closes the cycle {cycle}; the tree must be cycle-free",
                 )
             adjacent[link.dialer].append(link.acceptor)
             adjacent[link.acceptor].append(link.dialer)
@@ -699,15 +672,11 @@ class _TreeReader:
             host, port = node.listen
             other = listen.setdefault(node.listen, name)
             if other != name:
-                raise self.fail(
-                    at(name, "listen"), f"{host}:{port} is also the listen address of {other}"
-                )
+                raise self.fail(at(name, "listen"), f"{host}:{port} is also the listen address of {other}")
             if node.udp is not None:
                 other = udp.setdefault((host, node.udp), name)
                 if other != name:
-                    raise self.fail(
-                        at(name, "udp"), f"UDP port {node.udp} on {host} is also used by {other}"
-                    )
+                    raise self.fail(at(name, "udp"), f"UDP port {node.udp} on {host} is also used by {other}")
             other = tap_ip.setdefault(node.tap.address.ip, name)
             if other != name:
                 raise self.fail(
@@ -719,8 +688,7 @@ class _TreeReader:
             if other != name:
                 raise self.fail(
                     at(name, "tap", "name"),
-                    f"'{node.tap.name}' is also the TAP of {other}, "
-                    f"which runs on the same host ({host})",
+                    f"'{node.tap.name}' is also the TAP of {other}, which runs on the same host ({host})",
                 )
             # The kernel accepts forwarded packets only from sources on the TAP's subnet.
             if node.tap.address.network != subnet:
@@ -735,8 +703,7 @@ class _TreeReader:
             if listen_ip.version == 4 and listen_ip in subnet:
                 raise self.fail(
                     at(name, "listen"),
-                    f"{host} is inside the TAP subnet {subnet}; "
-                    "peer links would be routed into the TAP",
+                    f"{host} is inside the TAP subnet {subnet}; peer links would be routed into the TAP",
                 )
 
 

@@ -51,7 +51,7 @@ CLOSE_REPLACED = 7
 COMMON_HEADER = struct.Struct("!BBHI")
 OBJECT_HEADER = struct.Struct("!HBB")
 OPEN_INFO = struct.Struct("!BBBBHH")
-KEEPALIVE_INFO = struct.Struct("!QQ")
+KEEPALIVE_INFO = struct.Struct("!QQQ")
 ROUTE_HEAD = struct.Struct("!IBBH")
 ERROR_BODY = struct.Struct("!HH")
 KA_TIMER = struct.Struct("!HH")
@@ -90,6 +90,7 @@ class Open:
 class KeepAlive:
     timestamp_ns: int = 0  # sender's clock when sent
     echo_ns: int = 0  # the peer's last timestamp, returned for RTT
+    held_ns: int = 0  # how long the sender held that timestamp before this message
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, KeepAlive):
         return _message(
             OP_KEEPALIVE,
-            [_object(CNUM_CLIENT_SI, KEEPALIVE_INFO.pack(msg.timestamp_ns, msg.echo_ns))],
+            [_object(CNUM_CLIENT_SI, KEEPALIVE_INFO.pack(msg.timestamp_ns, msg.echo_ns, msg.held_ns))],
         )
     if isinstance(msg, AddRoute | RemoveRoute):
         opcode = OP_ADD_ROUTE if isinstance(msg, AddRoute) else OP_REMOVE_ROUTE

@@ -39,6 +39,7 @@ class PeerLink:
         self.last_rx = now
         self.last_keepalive = now
         self.peer_timestamp = 0
+        self.peer_timestamp_at = now
         self.rtt_ms: float | None = None
         self.close_code = 0
         self.close_reason = ""
@@ -98,8 +99,10 @@ class PeerLink:
 
     def on_keepalive(self, msg: KeepAlive, now: float) -> None:
         self.peer_timestamp = msg.timestamp_ns
+        self.peer_timestamp_at = now
         if msg.echo_ns:
-            self.rtt_ms = max(0.0, (int(now * 1e9) - msg.echo_ns) / 1e6)
+            # NTP-style: our own timestamp came back, less the time the peer held it.
+            self.rtt_ms = max(0.0, (int(now * 1e9) - msg.echo_ns - msg.held_ns) / 1e6)
 
     def on_close(self, msg: Close) -> None:
         self.remote_reason = msg.reason
@@ -114,7 +117,8 @@ class PeerLink:
             self.close(codec.CLOSE_DEAD, f"nothing heard for {self.dead_interval:g}s", now)
         elif self.state == UP and now - self.last_keepalive >= self.keepalive_interval:
             # Sent even while data flows: keep-alives also measure the round-trip time.
-            ka = KeepAlive(int(now * 1e9), self.peer_timestamp)
+            held = int((now - self.peer_timestamp_at) * 1e9) if self.peer_timestamp else 0
+            ka = KeepAlive(int(now * 1e9), self.peer_timestamp, held)
             self.send(codec.encode(ka))
             self.last_keepalive = now
 

@@ -18,7 +18,7 @@ PACKET = bytes.fromhex("45000020000000001011" + "0000" + "a9fe0101" + "ef010101"
 MESSAGES = [
     Open("alice", 24, "modulo", "hop", 7001, 10),
     Open("b" * 64, 32, "identity", "link", 0, 30),
-    KeepAlive(123456789, 987654321),
+    KeepAlive(123456789, 987654321, 5000),
     AddRoute((Route(65793, G1),)),
     AddRoute((Route(1, G1, "include", (b"\xa9\xfe\x01\x01", b"\xa9\xfe\x01\x02")), Route(9, G6))),
     RemoveRoute((Route(65793, G1),)),
@@ -122,7 +122,7 @@ messages = st.one_of(
         st.integers(0, 65535),
         st.integers(0, 65535),
     ),
-    st.builds(KeepAlive, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+    st.builds(KeepAlive, *[st.integers(0, 2**64 - 1)] * 3),
     st.builds(lambda rs: AddRoute(tuple(rs)), st.lists(routes(), min_size=1, max_size=4)),
     st.builds(lambda rs: RemoveRoute(tuple(rs)), st.lists(routes(), min_size=1, max_size=4)),
     st.builds(

@@ -36,9 +36,7 @@ def build_helpers(dest: Path) -> dict[str, Path]:
     return bins
 
 
-def run(
-    argv: list[str], check: bool = True, timeout: float = 30.0
-) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
@@ -64,9 +62,7 @@ class Lab:
         self.exec(name, ["ip", "link", "set", "lo", "up"])
         return name
 
-    def exec(
-        self, ns: str, argv: list[str], check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def exec(self, ns: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", ns, *argv], check=check)
 
     def ifname(self, short: str) -> str:

@@ -42,6 +42,13 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: mcrecv -g GROUP -p PORT [-i IFADDR] [-T TRIAL] [-n EXPECT] "
@@ -116,6 +123,7 @@ int main(int argc, char **argv)
     uint32_t ovfl = 0;
     int have_max = 0;
     uint64_t start = now_ns();
+    double cpu0 = cpu_s();
     for (;;) {
         memset(msgs, 0, sizeof msgs);
         for (int i = 0; i < VLEN; i++) {
@@ -162,10 +170,10 @@ int main(int argc, char **argv)
     }
     printf("{\"received\": %llu, \"unique\": %llu, \"duplicates\": %llu, \"reordered\": %llu, "
            "\"foreign\": %llu, \"bytes\": %llu, \"socket_drops\": %u, \"rcvbuf\": %d, "
-           "\"t_first_ns\": %llu, \"t_last_ns\": %llu}\n",
+           "\"t_first_ns\": %llu, \"t_last_ns\": %llu, \"cpu_s\": %.6f}\n",
            (unsigned long long)received, (unsigned long long)unique, (unsigned long long)dups,
            (unsigned long long)reordered, (unsigned long long)foreign,
            (unsigned long long)bytes, ovfl, actual, (unsigned long long)t_first,
-           (unsigned long long)t_last);
+           (unsigned long long)t_last, cpu_s() - cpu0);
     return 0;
 }

@@ -42,6 +42,13 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void sleep_until(uint64_t t)
 {
     struct timespec ts = {.tv_sec = (time_t)(t / 1000000000ull), .tv_nsec = (long)(t % 1000000000ull)};
@@ -117,6 +124,7 @@ int main(int argc, char **argv)
     double interval = 1e9 / rate;
     uint64_t seq = 0, sent = 0, errors = 0, bursts = 0;
     int last_errno = 0;
+    double cpu0 = cpu_s();
     uint64_t t0 = now_ns(), first = 0, last = 0;
     while (seq < count) {
         uint64_t now = now_ns();
@@ -155,10 +163,10 @@ int main(int argc, char **argv)
     double elapsed = (double)(last - first) / 1e9;
     printf("{\"sent\": %llu, \"errors\": %llu, \"last_errno\": %d, \"bursts\": %llu, "
            "\"target_pps\": %.1f, \"elapsed_s\": %.6f, \"achieved_pps\": %.1f, "
-           "\"t_first_ns\": %llu, \"t_last_ns\": %llu}\n",
+           "\"t_first_ns\": %llu, \"t_last_ns\": %llu, \"cpu_s\": %.6f}\n",
            (unsigned long long)sent, (unsigned long long)errors, last_errno,
            (unsigned long long)bursts, rate, elapsed,
            elapsed > 0 ? (double)(count - 1) / elapsed : 0.0, (unsigned long long)first,
-           (unsigned long long)last);
+           (unsigned long long)last, cpu_s() - cpu0);
     return 0;
 }

@@ -196,6 +196,15 @@ def run_trial(
         "drops": counter_drops(c0, c1, path),
     }
     result.update(_cpu_figures(s0, s1, unique))
+    # The endpoints' own CPU (sender + receiver, measured by themselves). In the kernel
+    # mode this is where the forwarding happens: veth xmit and the receive softirq run
+    # in the sender's context. Endpoints + forwarders = the whole path's cost.
+    endpoints = snd.get("cpu_s", 0.0) + rcv.get("cpu_s", 0.0)
+    result["endpoint_cpu_s"] = {"sender": snd.get("cpu_s"), "receiver": rcv.get("cpu_s")}
+    result["endpoint_us_per_pkt"] = endpoints / unique * 1e6 if unique else None
+    result["path_us_per_pkt"] = (
+        (endpoints + result.get("fwd_cpu_total_s", 0.0)) / unique * 1e6 if unique else None
+    )
     if path.counters:
         result["path_counters"] = {"before": c0.get("path"), "after": c1.get("path")}
     why = []

@@ -73,17 +73,13 @@ def crelay_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
             ("relay-a", a, VETH_A, VETH_B, TAP_A),
             ("relay-b", b, VETH_B, VETH_A, TAP_B),
         ):
-            relays[name] = lab.start_ready(
-                ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100"]
-            )
+            relays[name] = lab.start_ready(ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100"])
             lab.exec(ns, ["ip", "addr", "add", f"{addr}/16", "dev", tap])
             lab.exec(ns, ["ip", "link", "set", tap, "up"])
             lab.exec(ns, ["ip", "route", "add", "224.0.0.0/4", "dev", tap])
             # The stream's source (A's TAP address) arrives on B's TAP; keep the reverse
             # path filter out of the way, as mcmw does on its own TAP.
-            lab.sysctl(
-                ns, **{"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{tap}.rp_filter": 0}
-            )
+            lab.sysctl(ns, **{"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{tap}.rp_filter": 0})
         hold_group(lab, bins, b, TAP_B)
         path = BenchPath(
             "c-relay",
@@ -259,8 +255,7 @@ def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterat
             None,
             forwarders={"mcmw-a": nodes["a"].pid, "mcmw-b": nodes["b"].pid},
             counters=counters,
-            describe=f"A --TAP--> mcmw a --{'/'.join(sorted(map(str, used)))}"
-            f"/veth--> mcmw b --TAP--> B",
+            describe=f"A --TAP--> mcmw a --{'/'.join(sorted(map(str, used)))}/veth--> mcmw b --TAP--> B",
         )
         path.extra["peer_transport"] = sorted(map(str, used))
         yield path

@@ -1,0 +1,266 @@
+"""The node core on a virtual clock: nodes wired in memory, frames in, frames out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from scapy.layers.igmp import IGMPv3_MR, IGMPv3_MR_Group
+from scapy.layers.inet import IP, UDP, IPOption_Router_Alert
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from mcmw.config import load_tree
+from mcmw.node import Node, decrement_ttl
+from overlay import codec
+from overlay.link import PeerLink
+
+TREE = """
+overlay: {{address_bits: {bits}, mapping: modulo, ttl: {ttl}}}
+nodes:
+  a: {{listen: "198.18.1.1:7000", tap: {{name: mcmw0, address: 169.254.1.1/16}}}}
+  b: {{listen: "198.18.1.2:7000", tap: {{name: mcmw0, address: 169.254.1.2/16}}}}
+  c: {{listen: "198.18.2.2:7000", tap: {{name: mcmw0, address: 169.254.1.3/16}}}}
+links: [[a, b], [b, c]]
+"""
+
+
+class Net:
+    """Three nodes a-b-c, their links carried in memory, one virtual clock."""
+
+    def __init__(self, tmp_path: Path, bits: int = 24, ttl: str = "hop") -> None:
+        path = tmp_path / "tree.yaml"
+        path.write_text(TREE.format(bits=bits, ttl=ttl))
+        tree = load_tree(path)
+        self.now = 1000.0
+        self.nodes = {name: Node(tree, name, self.now) for name in "abc"}
+        for node in self.nodes.values():
+            node.start(self.now)
+        self.wires: list[tuple[Node, PeerLink, Node, PeerLink]] = []
+        self.tap: dict[str, list[bytes]] = {name: [] for name in "abc"}
+        self.connect("a", "b")
+        self.connect("b", "c")
+
+    def connect(self, dialer: str, acceptor: str) -> None:
+        d, a = self.nodes[dialer], self.nodes[acceptor]
+        self.wires.append((d, d.new_link(acceptor, self.now), a, a.new_link(None, self.now)))
+        self.pump()
+
+    def pump(self) -> None:
+        """Move bytes between linked nodes until nothing is left in flight."""
+        moved = True
+        while moved:
+            moved = False
+            for x, lx, y, ly in self.wires:
+                for src, ls, dst, ld in ((x, lx, y, ly), (y, ly, x, lx)):
+                    if ls.tx and ld.state != "closed":
+                        data = bytes(ls.tx)
+                        ls.tx.clear()
+                        dst.link_data(ld, data, self.now)
+                        moved = True
+            for name, node in self.nodes.items():
+                self.tap[name].extend(node.tap_out)
+                node.tap_out.clear()
+
+    def advance(self, seconds: float, step: float = 0.25) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            for node in self.nodes.values():
+                node.expire(self.now)
+            self.pump()
+
+    def frames(self, name: str, *frames: bytes) -> None:
+        self.nodes[name].tap_frames(list(frames), self.now)
+        self.pump()
+
+    def data_out(self, name: str) -> list[bytes]:
+        """Data frames written to `name`'s TAP (not queries), and forget them."""
+        out = [f for f in self.tap[name] if f[12:14] == b"\x08\x00" and f[23] == 17]
+        self.tap[name].clear()
+        return out
+
+
+def join(group: str, host: str = "169.254.1.2", rtype: int = 4, sources: tuple[str, ...] = ()) -> bytes:
+    record = IGMPv3_MR_Group(rtype=rtype, maddr=group, srcaddrs=list(sources))
+    return bytes(
+        Ether(dst="01:00:5e:00:00:16", src="02:00:00:00:00:02")
+        / IP(src=host, dst="224.0.0.22", ttl=1, options=[IPOption_Router_Alert()])
+        / IGMPv3_MR(records=[record])
+    )
+
+
+def datagram(group: str, ttl: int = 16, src: str = "169.254.1.1", payload: bytes = b"x" * 100) -> bytes:
+    return bytes(
+        Ether(dst="01:00:5e:01:01:01", src="02:00:00:00:00:01")
+        / IP(src=src, dst=group, ttl=ttl)
+        / UDP(sport=4000, dport=5004)
+        / payload
+    )
+
+
+def test_links_come_up_and_interest_flows_to_the_sender(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    assert all(len(n.links) == len(n.neighbours) for n in net.nodes.values())
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a_view = net.nodes["a"].status(net.now)
+    assert a_view["groups"][0]["group"] == "239.1.1.1"
+    assert a_view["groups"][0]["peers"] == ["b"]
+    assert a_view["groups"][0]["overlay_address"] == 65793
+
+
+def test_data_crosses_two_hops_with_ttl_decremented_per_hop(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    sent = datagram("239.1.1.1", ttl=16)
+    net.frames("a", sent)
+    (got,) = net.data_out("c")
+    assert net.data_out("b") == []  # nobody in b's segment asked
+    packet = IP(got[14:])
+    assert packet.ttl == 14  # a and b each count one overlay hop
+    original = IP(sent[14:])
+    rebuilt = IP(bytes(packet))
+    del rebuilt.chksum
+    assert IP(bytes(rebuilt)).chksum == packet.chksum  # the incremental update is right
+    assert bytes(packet.payload) == bytes(original.payload)
+    assert got[:6] == bytes.fromhex("01005e010101")
+    assert net.nodes["c"].counters["delivered"] == 1
+
+
+@pytest.mark.parametrize("ttl", [0x01, 0x02, 0x80, 0xFF])
+def test_decrement_ttl_matches_full_checksum(ttl: int) -> None:
+    for ident in range(0, 65536, 4099):
+        packet = bytearray(bytes(IP(src="169.254.1.1", dst="239.1.1.1", ttl=ttl, id=ident) / UDP()))
+        decrement_ttl(packet)
+        expected = IP(bytes(packet))
+        del expected.chksum
+        assert IP(bytes(expected)).chksum == IP(bytes(packet)).chksum
+        assert packet[8] == ttl - 1
+
+
+def test_ttl_that_would_reach_zero_is_never_forwarded(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("b", join("239.1.1.1"))
+    net.frames("a", datagram("239.1.1.1", ttl=1))  # a would send it with TTL 0
+    assert net.data_out("b") == [] and net.data_out("c") == []
+    assert net.nodes["a"].counters["dropped_ttl"] == 1
+    net.frames("a", datagram("239.1.1.1", ttl=2))  # reaches b with 1; b may not pass it on
+    assert len(net.data_out("b")) == 1
+    assert net.data_out("c") == []
+    assert net.nodes["b"].counters["dropped_ttl"] == 1
+
+
+def test_ttl_link_mode_treats_the_overlay_as_one_link(tmp_path: Path) -> None:
+    net = Net(tmp_path, ttl="link")
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("a", datagram("239.1.1.1", ttl=1))
+    (got,) = net.data_out("c")
+    assert IP(got[14:]).ttl == 1
+
+
+def test_link_local_groups_are_never_carried(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("224.0.0.251", host="169.254.1.3"))
+    assert net.nodes["a"].status(net.now)["groups"] == []
+    net.frames("a", datagram("224.0.0.251"))
+    assert net.nodes["a"].counters["forwarded"] == 0
+
+
+def test_groups_sharing_an_overlay_address_never_leak(tmp_path: Path) -> None:
+    net = Net(tmp_path, bits=8)  # 239.1.1.1 and 239.2.2.1 both map to 1
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("b", join("239.2.2.1"))
+    a_groups = {g["group"]: g for g in net.nodes["a"].status(net.now)["groups"]}
+    assert a_groups["239.1.1.1"]["overlay_address"] == a_groups["239.2.2.1"]["overlay_address"] == 1
+    net.frames("a", datagram("239.1.1.1"), datagram("239.2.2.1"))
+    assert [IP(f[14:]).dst for f in net.data_out("c")] == ["239.1.1.1"]
+    assert [IP(f[14:]).dst for f in net.data_out("b")] == ["239.2.2.1"]
+
+
+def test_source_specific_join_delivers_only_that_source(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("232.1.1.1", host="169.254.1.3", rtype=1, sources=("169.254.1.1",)))
+    net.frames("a", datagram("232.1.1.1", src="169.254.1.1"), datagram("232.1.1.1", src="169.254.9.9"))
+    assert [IP(f[14:]).src for f in net.data_out("c")] == ["169.254.1.1"]
+    # The unwanted source did not even cross the first link.
+    assert net.nodes["a"].links["b"].tx_packets == 1
+
+
+def test_malformed_frames_are_counted_and_forwarding_goes_on(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    good = datagram("239.1.1.1")
+    truncated = good[:30]
+    bad_length = bytearray(good)
+    bad_length[16:18] = (2000).to_bytes(2, "big")  # IPv4 total length past the frame
+    bad_ihl = bytearray(good)
+    bad_ihl[14] = 0x43
+    six = bytes(Ether(dst="33:33:00:00:00:01") / IPv6(dst="ff0e::1", plen=900) / UDP())
+    net.frames("a", truncated, bytes(bad_length), bytes(bad_ihl), six[:40], good)
+    assert net.nodes["a"].counters["dropped_malformed"] == 4
+    assert len(net.data_out("c")) == 1
+
+
+def test_garbage_from_a_peer_closes_the_link_with_a_reason(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    b, link = net.nodes["b"], net.nodes["b"].links["a"]
+    b.link_data(link, b"\x10\x03\x8c\xa5\xff\xff\xff\xff", net.now)
+    assert link.state == "closed"
+    assert "out of range" in link.close_reason
+    status = b.status(net.now)
+    assert next(p for p in status["peers"] if p["name"] == "a")["state"] == "down"
+    assert status["counters"]["dropped_malformed"] == 1
+    # b told a why before closing.
+    reply = codec.decode(bytes(link.tx))
+    assert isinstance(reply, codec.Close) and "out of range" in reply.reason
+
+
+def test_silent_peer_is_closed_after_the_dead_interval_and_routes_withdrawn(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    assert net.nodes["a"].routes
+    a_link = net.nodes["a"].links["b"]
+    net.wires = [w for w in net.wires if w[1] is not a_link]  # cut a-b silently
+    net.advance(9.5)
+    assert "b" in net.nodes["a"].links
+    net.advance(1.0)
+    assert "b" not in net.nodes["a"].links
+    assert "nothing heard" in a_link.close_reason
+    assert net.nodes["a"].routes == {}
+    assert net.nodes["a"].status(net.now)["groups"] == []
+
+
+def test_keepalives_keep_links_up_and_measure_rtt(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.advance(60)
+    link = net.nodes["a"].links["b"]
+    assert link.up and link.rtt_ms == 0.0
+
+
+def test_open_with_another_mapping_is_refused_with_a_reason(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    a = net.nodes["a"]
+    foreign = codec.Open("b", 24, "hash")
+    link = a.new_link("b", net.now)
+    a.link_data(link, codec.encode(foreign), net.now)
+    assert link.state == "closed"
+    assert "expected modulo/24" in link.close_reason
+    assert "b" in a.links  # the established link is untouched
+
+
+def test_unknown_node_cannot_open_a_link(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    b = net.nodes["b"]
+    link = b.new_link(None, net.now)
+    b.link_data(link, codec.encode(codec.Open("mallory", 24, "modulo")), net.now)
+    assert link.state == "closed" and "not a neighbour" in link.close_reason
+
+
+def test_leave_withdraws_interest_along_the_tree(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("c", join("239.1.1.1", host="169.254.1.3", rtype=3))  # TO_IN {}: leave
+    net.advance(3)  # Last Member Query Time: 2 x 1 s
+    assert net.nodes["a"].routes == {}
+    assert net.nodes["c"].status(net.now)["groups"] == []
