@@ -52,7 +52,7 @@ class Net:
         while moved:
             moved = False
             for x, lx, y, ly in self.wires:
-                for src, ls, dst, ld in ((x, lx, y, ly), (y, ly, x, lx)):
+                for ls, dst, ld in ((lx, y, ly), (ly, x, lx)):
                     if ls.tx and ld.state != "closed":
                         data = bytes(ls.tx)
                         ls.tx.clear()
