@@ -69,7 +69,10 @@ def cmd_map(args: argparse.Namespace) -> int:
     from mcmw.mapping import overlay_address, parse_group
 
     overlay = load_tree(args.config).overlay if args.config else OverlayConfig()
-    group = parse_group(args.group)
+    try:
+        group = parse_group(args.group)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     address = overlay_address(group, overlay.mapping, overlay.address_bits)
     print(f"{group} -> {address} ({overlay.mapping}, {overlay.address_bits} bits)")
     return EXIT_OK

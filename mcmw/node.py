@@ -248,10 +248,11 @@ class Node:
         pad = bytes(-len(packet) % 4)
         address = route.overlay_address
         size = len(packet)
+        counters = self.counters
         for link in outputs:
             if len(link.tx) > link.TX_LIMIT:
                 link.dropped_queue += 1
-                self.counters["dropped_queue"] += 1
+                counters["dropped_queue"] += 1
                 continue
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
             tx = link.tx
@@ -259,7 +260,7 @@ class Node:
             tx += packet
             tx += pad
             link.tx_packets += 1
-        self.counters["forwarded"] += len(outputs)
+            counters["forwarded"] += 1
 
     # -- from a peer ---------------------------------------------------------------
 
@@ -280,7 +281,8 @@ class Node:
                     _, _, _, _, objlen, cnum, ctype, _, _ = unpack_head(buf, offset)
                     if (
                         cnum != codec.CNUM_CLIENT_SI
-                        or not 28 + 8 <= objlen <= length - 8
+                        or ctype != 1
+                        or not codec.IP_DATA_MIN_OBJECT <= objlen <= length - 8
                         or ((objlen + 3) & ~3) != length - 8
                     ):
                         raise codec.CodecError("ip-data object does not fit its message")

@@ -58,6 +58,7 @@ KA_TIMER = struct.Struct("!HH")
 # IP-Data: common header + one ClientSI (overlay address, link sequence, IP packet).
 IP_DATA_HEAD = struct.Struct("!BBHIHBBII")
 IP_DATA_HEAD_LEN = IP_DATA_HEAD.size  # 20
+IP_DATA_MIN_OBJECT = OBJECT_HEADER_LEN + 8 + 20  # object header, address, seq, IPv4 header
 VERSION_FLAGS = COPS_VERSION << 4
 
 
@@ -306,7 +307,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     name = MESSAGE_NAMES[opcode]
     if opcode == OP_IP_DATA:
         (content,) = _expect(objects, [CNUM_CLIENT_SI], name)
-        if len(content) < 8 + 20:
+        if len(content) < IP_DATA_MIN_OBJECT - OBJECT_HEADER_LEN:
             raise CodecError("ip-data too short for an IP packet")
         address, seq = struct.unpack_from("!II", content)
         return IpData(address, seq, content[8:])

@@ -138,9 +138,7 @@ def test_optional_keys(tmp_path: Path) -> None:
         "tap: {name: mcmw1, address: 169.254.1.2/16, mtu: 9000, ipv6_scopes: [5, 0x8, E]}",
         text,
     )
-    text = edit(
-        "    mld: {version: 2}\n", "    mld: {version: 1, query_response_interval: 2s}\n", text
-    )
+    text = edit("    mld: {version: 2}\n", "    mld: {version: 1, query_response_interval: 2s}\n", text)
     tree = load_tree(write(tmp_path, text))
     assert tree.overlay.mapping == "identity" and tree.overlay.address_bits == 32
     assert tree.overlay.secret_file == tmp_path / "psk.key"
@@ -153,9 +151,7 @@ def test_optional_keys(tmp_path: Path) -> None:
     assert tree.warnings == ()
 
 
-def test_secret_file_is_relative_to_the_tree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_secret_file_is_relative_to_the_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sub = tmp_path / "site"
     sub.mkdir()
     (sub / "psk.key").write_text("k")
@@ -407,8 +403,7 @@ CASES = [
     (
         "name: mcmw0",
         "name: a-very-long-tap-name",
-        ":9: nodes.alice.tap.name: 'a-very-long-tap-name'"
-        " is not an interface name (1 to 15 characters)",
+        ":9: nodes.alice.tap.name: 'a-very-long-tap-name' is not an interface name (1 to 15 characters)",
     ),
     ("name: mcmw0", "name: mc/mw", ":9: nodes.alice.tap.name: 'mc/mw' is not an interface name"),
     ("name: mcmw0", "name: 'mc mw'", ":9: nodes.alice.tap.name: 'mc mw' is not an interface"),
@@ -516,8 +511,7 @@ CASES = [
     (
         "{version: 3,",
         "{version: 2, query_response_interval: 26s,",
-        ":11: nodes.alice.igmp.query_response_interval: 26s is longer than an IGMPv2 query can"
-        " carry (25.5s)",
+        ":11: nodes.alice.igmp.query_response_interval: 26s is longer than an IGMPv2 query can carry (25.5s)",
     ),
     (
         "query_interval: 125s",
@@ -580,8 +574,7 @@ CASES = [
     (
         "address: 169.254.1.2/16",
         "address: 10.9.0.1/16",
-        ":15: nodes.bob.tap.address: 10.9.0.1/16 is not in the tree's TAP subnet 169.254.0.0/16"
-        " (from alice)",
+        ":15: nodes.bob.tap.address: 10.9.0.1/16 is not in the tree's TAP subnet 169.254.0.0/16 (from alice)",
     ),
     (
         "address: 169.254.1.2/16",
@@ -634,8 +627,7 @@ def test_cycle_in_block_list(tmp_path: Path) -> None:
 def test_disconnected_island(tmp_path: Path) -> None:
     text = FOUR + "links: [[a, b], [c, d]]\n"
     assert error_of(tmp_path, text) == (
-        ":4: nodes.c: not connected to the tree: no links lead from a to c "
-        "(it is linked only with d)"
+        ":4: nodes.c: not connected to the tree: no links lead from a to c (it is linked only with d)"
     )
 
 
@@ -716,9 +708,7 @@ def _only_config_errors(path: Path) -> None:
         assert "\n" not in str(exc)
 
 
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_mutated_trees_fail_cleanly(tmp_path: Path, data: st.DataObject) -> None:
     lines = BASE.splitlines(keepends=True)
@@ -730,9 +720,7 @@ def test_mutated_trees_fail_cleanly(tmp_path: Path, data: st.DataObject) -> None
     _only_config_errors(path)
 
 
-@settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=200))
 def test_random_bytes_fail_cleanly(tmp_path: Path, blob: bytes) -> None:
     path = tmp_path / "fuzz.yaml"
@@ -747,16 +735,12 @@ _VALUES = st.recursive(
     | st.floats()
     | st.text(max_size=12)
     | st.sampled_from(["alice", "bob", "125s", "169.254.1.3/16", "127.0.0.1:7020", "[]"]),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=6,
 )
 
 
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_odd_values_fail_cleanly(tmp_path: Path, data: st.DataObject) -> None:
     tree = yaml.safe_load(BASE)

@@ -46,7 +46,8 @@ def run(argv: list[str], check: bool = True, timeout: float = 30.0) -> subproces
 class Lab:
     """Namespaces `mcmwb-TAG-*`, their veths and processes, plus a scratch directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 0) -> None:
+        self.nice = nice  # niceness of every process the benchmark starts
         self.tag = secrets.token_hex(3)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"mcmwb-{self.tag}-"))
         self.namespaces: list[str] = []
@@ -111,12 +112,16 @@ class Lab:
         stderr: int | IO[Any] = subprocess.PIPE,
         **kw: Any,
     ) -> subprocess.Popen[Any]:
-        """Start argv in ns. `ip netns exec` execs in place, so the PID is the program's."""
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv], stdout=stdout, stderr=stderr, text=True, **kw
-        )
+        """Start argv in ns. `ip netns exec` and `nice` exec in place, so the PID is the
+        program's own."""
+        proc = subprocess.Popen(self.argv(ns, argv), stdout=stdout, stderr=stderr, text=True, **kw)
         self.processes.append(proc)
         return proc
+
+    def argv(self, ns: str, argv: list[str]) -> list[str]:
+        """The command line that runs argv in ns at the lab's niceness."""
+        nice = ["nice", "-n", str(self.nice)] if self.nice else []
+        return ["ip", "netns", "exec", ns, *nice, *argv]
 
     def start_ready(self, ns: str, argv: list[str], timeout: float = 10.0) -> subprocess.Popen[Any]:
         """Start a C helper and wait for its {"ready": true} line."""

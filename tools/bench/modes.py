@@ -61,19 +61,24 @@ def kernel_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
 
 
 @contextmanager
-def crelay_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
-    """A: app -> TAP -> relay.c -UDP over veth-> relay.c -> TAP -> app: B."""
+def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iterator[BenchPath]:
+    """A: app -> TAP -> relay.c -UDP (or TCP) over veth-> relay.c -> TAP -> app: B."""
     a, b = lab.ns("ra"), lab.ns("rb")
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     tap = lab.ifname("t")
     relays: dict[str, subprocess.Popen[Any]] = {}
     path: BenchPath | None = None
+    # TCP: b accepts, a dials, so b starts first (as in the mcmw tree).
+    roles = {"a": "tcp-dial", "b": "tcp-accept"} if transport == "tcp" else {"a": "udp", "b": "udp"}
     try:
         for name, ns, mine, peer, addr in (
-            ("relay-a", a, VETH_A, VETH_B, TAP_A),
             ("relay-b", b, VETH_B, VETH_A, TAP_B),
+            ("relay-a", a, VETH_A, VETH_B, TAP_A),
         ):
-            relays[name] = lab.start_ready(ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100"])
+            role = roles[name[-1]]
+            relays[name] = lab.start_ready(
+                ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100", role]
+            )
             lab.exec(ns, ["ip", "addr", "add", f"{addr}/16", "dev", tap])
             lab.exec(ns, ["ip", "link", "set", tap, "up"])
             lab.exec(ns, ["ip", "route", "add", "224.0.0.0/4", "dev", tap])
@@ -82,12 +87,12 @@ def crelay_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
             lab.sysctl(ns, **{"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{tap}.rp_filter": 0})
         hold_group(lab, bins, b, TAP_B)
         path = BenchPath(
-            "c-relay",
+            "c-relay" if transport == "udp" else f"c-relay-{transport}",
             a,
             b,
             TAP_B,
-            forwarders={n: p.pid for n, p in relays.items()},
-            describe=f"A --TAP {tap}--> relay.c --UDP/veth--> relay.c --TAP--> B",
+            forwarders={n: p.pid for n, p in sorted(relays.items())},
+            describe=f"A --TAP {tap}--> relay.c --{transport}/veth--> relay.c --TAP--> B",
         )
         yield path
     finally:
@@ -272,6 +277,7 @@ def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterat
 MODES: dict[str, Callable[..., Any]] = {
     "kernel": kernel_path,
     "c-relay": crelay_path,
+    "c-relay-tcp": lambda lab, bins: crelay_path(lab, bins, "tcp"),
     "mcmw": mcmw_path,
     "mcmw-udp": lambda lab, bins: mcmw_path(lab, bins, "udp"),
 }

@@ -1,0 +1,156 @@
+"""The node's data path without I/O: microseconds of Python per packet.
+
+    .venv/bin/python tools/bench/core.py [--batch 1,4,64] [--seconds 1]
+
+Builds the two-node tree of the benchmark in memory (no TAP, no sockets, no root):
+node a and node b exchange Open through their link buffers, b's segment joins 239.1.1.1
+with an IGMPv2 report, and then it times
+
+- a: `Node.tap_frames` on 1316-byte datagrams (parse, route, TTL, IP-Data encode)
+- b: `Node.link_data` on the IP-Data bytes a produced (frame, route, Ethernet frame)
+
+per packet, for several batch sizes (frames per TAP read / messages per recv). The
+figures are CPU time of this process, so they are the Python part of `fwd us/pkt` in
+`run.py`'s table; the rest is syscalls and the event loop. Use it before and after a
+change to the hot path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the repository, for mcmw's packages
+
+from modes import GROUP, TAP_A, TAP_B, mcmw_tree  # noqa: E402
+
+SIZE = 1316
+
+
+def checksum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4(src: str, dst: str, proto: int, ttl: int, payload: bytes, options: bytes = b"") -> bytes:
+    ihl = (20 + len(options)) // 4
+    head = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            ihl * 4 + len(payload),
+            0,
+            0x4000,
+            ttl,
+            proto,
+            0,
+            bytes(map(int, src.split("."))),
+            bytes(map(int, dst.split("."))),
+        )
+        + options
+    )
+    head = head[:10] + struct.pack("!H", checksum(head)) + head[12:]
+    return head + payload
+
+
+def ethernet(dst_group: str, packet: bytes) -> bytes:
+    g = bytes(map(int, dst_group.split(".")))
+    return bytes([1, 0, 0x5E, g[1] & 0x7F, g[2], g[3]]) + bytes([2, 0, 0, 0, 0, 1]) + b"\x08\x00" + packet
+
+
+def data_frame(seq: int) -> bytes:
+    """A 1316-byte datagram to GROUP:5001 from A's TAP address, TTL 16, as the TAP reads it."""
+    payload = struct.pack("!IIQ", 0x4D434D57, 1, seq) + bytes(SIZE - 16)
+    udp = struct.pack("!HHHH", 40000, 5001, 8 + SIZE, 0) + payload
+    return ethernet(GROUP, ipv4(TAP_A, GROUP, 17, 16, udp))
+
+
+def igmpv2_report() -> bytes:
+    """What the kernel sends when a socket on B's segment joins GROUP (with Router Alert)."""
+    group = bytes(map(int, GROUP.split(".")))
+    body = struct.pack("!BBH4s", 0x16, 0, 0, group)
+    body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+    return ethernet(GROUP, ipv4(TAP_B, GROUP, 2, 1, body, options=b"\x94\x04\x00\x00"))
+
+
+def build() -> tuple[Callable[[int, int], float], Callable[[int, int], float]]:
+    """Two connected nodes with a route for GROUP from a to b's segment; returns the
+    per-packet timers for each side."""
+    from mcmw.config import load_tree
+    from mcmw.node import Node
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tree_file = Path(tmp) / "tree.yaml"
+        tree_file.write_text(mcmw_tree("tcp"))
+        tree = load_tree(tree_file)
+    now = 1000.0
+    a, b = Node(tree, "a", now), Node(tree, "b", now)
+    la, lb = a.new_link("b", now), b.new_link(None, now)
+
+    def pump() -> None:
+        for _ in range(4):
+            for src, dst, link in ((la, b, lb), (lb, a, la)):
+                if src.tx:
+                    data = bytes(src.tx)
+                    src.tx.clear()
+                    dst.link_data(link, data, now)
+
+    pump()
+    b.tap_frames([igmpv2_report()], now)
+    pump()
+    group = bytes(map(int, GROUP.split(".")))
+    if group not in a.routes or not la.up:
+        raise SystemExit(f"core: node a has no route for {GROUP} towards b; cannot measure")
+
+    frames = [data_frame(i) for i in range(256)]
+    a.tap_frames(frames[:1], now)
+    message = bytes(la.tx)
+    la.tx.clear()
+
+    def side_a(batch: int, rounds: int) -> float:
+        batch_frames = frames[:batch]
+        t0 = time.process_time()
+        for _ in range(rounds):
+            a.tap_frames(batch_frames, now)
+            la.tx.clear()
+        return (time.process_time() - t0) / (rounds * batch) * 1e6
+
+    def side_b(batch: int, rounds: int) -> float:
+        data = message * batch
+        t0 = time.process_time()
+        for _ in range(rounds):
+            b.link_data(lb, data, now)
+            b.tap_out.clear()
+        delivered = b.counters["delivered"]
+        if not delivered:
+            raise SystemExit("core: node b delivered nothing to its segment; cannot measure")
+        return (time.process_time() - t0) / (rounds * batch) * 1e6
+
+    return side_a, side_b
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="mcmw node data path, Python cost per packet")
+    p.add_argument("--batch", default="1,4,64", help="frames per call (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=1.0, help="CPU seconds per figure")
+    args = p.parse_args(argv)
+    side_a, side_b = build()
+    print(f"{'batch':>5s} {'a: tap_frames':>14s} {'b: link_data':>13s} {'sum':>6s}   us/pkt")
+    for batch in (int(x) for x in args.batch.split(",")):
+        rounds = max(1, int(args.seconds * 1e6 / 5 / batch))  # ~5 us/pkt: ~1 s per side
+        ua, ub = side_a(batch, rounds), side_b(batch, rounds)
+        print(f"{batch:5d} {ua:14.2f} {ub:13.2f} {ua + ub:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
