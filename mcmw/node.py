@@ -43,6 +43,15 @@ LINK_LOCAL_V4 = b"\xe0\x00\x00"
 TTL_CSUM = struct.Struct("!BBH")  # TTL, protocol, header checksum at offset 8 of IPv4
 
 
+def is_mld(frame: bytes) -> bool:
+    """Whether an IPv6 frame carries MLD: ICMPv6 of an MLD type, directly or after a
+    hop-by-hop header (where MLD's Router Alert lives)."""
+    next_header, offset = frame[20], 54
+    if next_header == NH_HOP_BY_HOP and len(frame) >= 56:
+        next_header, offset = frame[54], 54 + (frame[55] + 1) * 8
+    return next_header == NH_ICMPV6 and len(frame) > offset and frame[offset] in MLD_TYPES
+
+
 def carried(group: bytes) -> bool:
     """Whether the overlay carries a group: never the link-local ones (224.0.0/24, ff0X::
     of scope 0-2), which belong to one segment."""
@@ -150,7 +159,7 @@ class Node:
                 self._forget(link, now)
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.igmp.next_deadline(), self.mld.next_deadline()) if d]
+        deadlines = [d for d in (self.igmp.next_deadline(), self.mld.next_deadline()) if d is not None]
         deadlines.extend(link.next_deadline() for link in self.links.values())
         return min(deadlines, default=None)
 
@@ -179,10 +188,7 @@ class Node:
                 if len(frame) < 54:
                     self.counters["dropped_malformed"] += 1
                     continue
-                nh = frame[20]
-                if nh == NH_HOP_BY_HOP or (
-                    nh == NH_ICMPV6 and frame[54:55] and frame[54] in MLD_TYPES
-                ):
+                if is_mld(frame):
                     self._membership(self.mld.handle(frame[14:], now), now)
                     continue
                 group = frame[38:54]

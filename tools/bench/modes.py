@@ -24,7 +24,8 @@ from lab import REPO, Lab, LabError, stop, wait_for
 GROUP = "239.1.1.1"
 VETH_A, VETH_B = "198.18.0.1", "198.18.0.2"
 TAP_A, TAP_B = "169.254.1.1", "169.254.1.2"
-MCMW_PYTHON = REPO / ".venv" / "bin" / "python"
+# How to run mcmw; run.py's --mcmw replaces it (e.g. another checkout, for before/after).
+MCMW_COMMAND: list[str] = [str(REPO / ".venv" / "bin" / "python"), "-m", "mcmw"]
 
 
 @dataclass
@@ -112,7 +113,7 @@ def mcmw_status(sock: Path) -> dict[str, Any] | None:
     """`mcmw status --socket SOCK --json`, or None while the node does not answer."""
     try:
         proc = subprocess.run(
-            [str(MCMW_PYTHON), "-m", "mcmw", "status", "--socket", str(sock), "--json"],
+            [*MCMW_COMMAND, "status", "--socket", str(sock), "--json"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -148,27 +149,9 @@ def mcmw_tree(transport: str) -> str:
     )
 
 
-def mcmw_runnable() -> str | None:
-    """None when `python -m mcmw run` gets past argument parsing, else why not."""
-    probe = subprocess.run(
-        [str(MCMW_PYTHON), "-c", "import mcmw.runtime, mcmw.control"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO,
-    )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return f"mcmw node not importable yet ({last})"
-    return None
-
-
 @contextmanager
 def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterator[BenchPath]:
     """Two `mcmw run` nodes, a in A and b in B, linked over a veth."""
-    why = mcmw_runnable()
-    if why:
-        raise LabError(why)
     a, b = lab.ns("ma"), lab.ns("mb")
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     tree = lab.workdir / "tree.yaml"
@@ -204,9 +187,7 @@ def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterat
                 nodes[node] = lab.popen(
                     ns,
                     [
-                        str(MCMW_PYTHON),
-                        "-m",
-                        "mcmw",
+                        *MCMW_COMMAND,
                         "run",
                         "-c",
                         str(tree),

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, so this directory is on sys.path and the siblings import directly.
+import modes
 from lab import HERE, Lab, LabError, build_helpers
 from measure import SIZE, TTL, run_trial, search, system_cpu
 from modes import GROUP, MODES
@@ -210,10 +212,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="run every benchmark process at this niceness, e.g. -10 on a shared machine",
     )
+    p.add_argument(
+        "--mcmw",
+        metavar="CMD",
+        help="command that runs mcmw (default: .venv/bin/python -m mcmw of this checkout)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for JSON results")
     args = p.parse_args(argv)
     args.duration = args.duration or (1.0 if args.quick else 2.0)
     args.precision = args.precision or (1.25 if args.quick else 1.1)
+    if args.mcmw:
+        modes.MCMW_COMMAND[:] = shlex.split(args.mcmw)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
             "wait_idle_s": args.wait_idle,
             "nice": args.nice,
+            "mcmw_command": modes.MCMW_COMMAND,
             "loss_limit": 0.001,
         },
         "results": results,

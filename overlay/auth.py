@@ -1,0 +1,161 @@
+"""Message authentication: COPS Integrity objects (C-Num 16) with HMAC-SHA256.
+
+Each Open is sealed with a pre-shared key (named by its key id, so keys can be rolled:
+every key in the key file is accepted, the first one signs). Everything after the Open
+exchange is sealed with a per-connection session key derived from both Opens' random
+nonces, so nothing recorded from another connection can be replayed into this one;
+within a connection, sequence numbers only go up (TCP) or fall inside a sliding window
+(UDP, which may reorder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from pathlib import Path
+
+from overlay.codec import COMMON_HEADER, HEADER_LEN, OBJECT_HEADER, CodecError
+
+CNUM_INTEGRITY = 16
+DIGEST_LEN = 32
+INTEGRITY_HEAD = struct.Struct("!HBBII")  # object header, key id, sequence number
+INTEGRITY_LEN = INTEGRITY_HEAD.size + DIGEST_LEN  # 44
+REPLAY_WINDOW = 1024
+
+
+class KeyFileError(ValueError):
+    """The secret file does not hold usable keys."""
+
+
+def load_keys(path: Path) -> dict[int, bytes]:
+    """Keys from a file of `KEYID SECRET` lines (or one bare SECRET, key id 1); the first
+    line's key signs. Blank lines and '#' comments are skipped."""
+    keys: dict[int, bytes] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{path}: cannot read keys: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split()
+        if len(parts) == 1 and not keys:
+            key_id, secret = 1, parts[0]
+        elif len(parts) == 2 and parts[0].isdigit() and 0 < int(parts[0]) < 2**32:
+            key_id, secret = int(parts[0]), parts[1]
+        else:
+            raise KeyFileError(f"{path}:{number}: expected 'KEYID SECRET' (key id 1 to 2^32-1)")
+        if len(secret) < 16:
+            raise KeyFileError(f"{path}:{number}: key {key_id} is shorter than 16 characters")
+        if key_id in keys:
+            raise KeyFileError(f"{path}:{number}: key id {key_id} appears twice")
+        keys[key_id] = secret.encode()
+    if not keys:
+        raise KeyFileError(f"{path}: no key in the file")
+    return keys
+
+
+def _seal(message: bytes | bytearray, key_id: int, seq: int, key: bytes) -> bytes:
+    """`message` with an Integrity object appended and its length field updated."""
+    total = len(message) + INTEGRITY_LEN
+    head = COMMON_HEADER.unpack_from(message)
+    signed = (
+        COMMON_HEADER.pack(head[0], head[1], head[2], total)
+        + message[HEADER_LEN:]
+        + INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq)
+    )
+    return signed + hmac.digest(key, signed, "sha256")
+
+
+def _split(message: bytes) -> tuple[bytes, int, int, bytes]:
+    """(message without its Integrity object, key id, seq, digest); CodecError if absent."""
+    if len(message) < HEADER_LEN + INTEGRITY_LEN:
+        raise CodecError("integrity object missing")
+    start = len(message) - INTEGRITY_LEN
+    length, cnum, ctype, key_id, seq = INTEGRITY_HEAD.unpack_from(message, start)
+    if (length, cnum, ctype) != (INTEGRITY_LEN, CNUM_INTEGRITY, 1):
+        raise CodecError("integrity object missing")
+    head = COMMON_HEADER.unpack_from(message)
+    inner = COMMON_HEADER.pack(head[0], head[1], head[2], start) + message[HEADER_LEN:start]
+    return inner, key_id, seq, message[start + INTEGRITY_HEAD.size :]
+
+
+class Authenticator:
+    """The integrity state of one connection."""
+
+    def __init__(self, keys: dict[int, bytes], nonce: bytes) -> None:
+        self.keys = keys
+        self.signing_id = next(iter(keys))
+        self.nonce = nonce
+        self.session_key: bytes | None = None
+        self.tx_seq = 0
+        self.rx_seq = 0
+        self.udp_top = 0
+        self.udp_seen = 0  # bitmap of the REPLAY_WINDOW sequence numbers below udp_top
+
+    def seal_open(self, message: bytes) -> bytes:
+        return _seal(message, self.signing_id, 0, self.keys[self.signing_id])
+
+    def open_key_id(self, message: bytes) -> int:
+        """Verify a peer's Open against the key ring; return the key id it used."""
+        inner, key_id, seq, digest = _split(message)
+        key = self.keys.get(key_id)
+        if key is None:
+            raise CodecError(f"integrity: unknown key id {key_id}")
+        if not hmac.compare_digest(hmac.digest(key, message[: -DIGEST_LEN], "sha256"), digest):
+            raise CodecError("integrity: bad HMAC on open")
+        return key_id
+
+    def start_session(self, dialer_key_id: int, dialer_nonce: bytes, acceptor_nonce: bytes) -> None:
+        key = self.keys[dialer_key_id]
+        self.session_key = hmac.digest(key, b"mcmw-session" + dialer_nonce + acceptor_nonce, "sha256")
+
+    def seal(self, message: bytes | bytearray) -> bytes:
+        assert self.session_key is not None
+        self.tx_seq += 1
+        return _seal(message, 0, self.tx_seq, self.session_key)
+
+    def seal_datagram(self, message: bytes | bytearray, seq: int) -> bytes:
+        assert self.session_key is not None
+        return _seal(message, 0, seq, self.session_key)
+
+    def unseal(self, message: bytes) -> bytes:
+        """Verify a stream message; return it without the Integrity object."""
+        inner, seq = self._verify(message)
+        if seq <= self.rx_seq:
+            raise CodecError(f"integrity: replayed sequence number {seq}")
+        self.rx_seq = seq
+        return inner
+
+    def unseal_datagram(self, message: bytes) -> bytes:
+        """Verify a datagram; accept each sequence number once, within a sliding window."""
+        inner, seq = self._verify(message)
+        if seq > self.udp_top:
+            shift = seq - self.udp_top
+            self.udp_seen = ((self.udp_seen << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self.udp_top = seq
+            return inner
+        back = self.udp_top - seq
+        if back >= REPLAY_WINDOW or self.udp_seen >> back & 1:
+            raise CodecError(f"integrity: replayed or stale datagram {seq}")
+        self.udp_seen |= 1 << back
+        return inner
+
+    def _verify(self, message: bytes) -> tuple[bytes, int]:
+        if self.session_key is None:
+            raise CodecError("integrity: message before the session key")
+        inner, key_id, seq, digest = _split(message)
+        expected = hmac.digest(self.session_key, message[: -DIGEST_LEN], "sha256")
+        if key_id != 0 or not hmac.compare_digest(expected, digest):
+            raise CodecError("integrity: bad HMAC")
+        return inner, seq
+
+
+def fingerprint(keys: dict[int, bytes]) -> str:
+    """A short, non-secret label of a key ring for logs."""
+    return hashlib.sha256(b"".join(keys[k] for k in sorted(keys))).hexdigest()[:8]
+
+
+__all__ = ["Authenticator", "KeyFileError", "load_keys", "OBJECT_HEADER"]
