@@ -55,6 +55,8 @@ class TapConfig:
     mtu: int = 1500
     # IPv6 multicast scopes routed into the TAP (ff0X::/16 for each X listed).
     ipv6_scopes: tuple[int, ...] = (0x3, 0x4, 0x5, 0x8, 0xE)
+    # An existing Linux bridge to enslave the TAP to, so that mcmw serves a real LAN.
+    bridge: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class OverlayConfig:
     ttl: str = "hop"  # "hop": each overlay hop decrements; "link": the overlay is one link
     keepalive_interval: float = 3.0
     dead_interval: float = 10.0
+    # The largest IP-Data message sent as one UDP datagram; larger ones take the TCP
+    # stream, so no datagram is fragmented on a 1500-byte Internet path.
+    udp_max_message: int = 1400
 
 
 @dataclass(frozen=True)

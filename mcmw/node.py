@@ -18,9 +18,10 @@ from mcmw.config import TreeConfig
 from mcmw.mapping import make_mapper
 from mcmw.routes import GroupRoute
 from overlay import codec
+from overlay.auth import IntegrityError, load_keys
 from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route
 from overlay.interest import Filter, Interest, Update
-from overlay.link import CLOSED, UP, PeerLink
+from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
 from tap.ethernet import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
@@ -104,6 +105,9 @@ class Node:
             forwarded=0, delivered=0, dropped_ttl=0, dropped_malformed=0
         )
         self.last_errors: dict[str, str] = {}  # peer -> why its link last closed
+        self.keys = load_keys(overlay.secret_file) if overlay.secret_file else None
+        self.udp_peers: dict[tuple[str, int], PeerLink] = {}  # (address, port) -> up link
+        self.udp_limit = overlay.udp_max_message
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -118,8 +122,9 @@ class Node:
         self._membership(self.igmp.stop(now), now)
         self._membership(self.mld.stop(now), now)
 
-    def new_link(self, peer: str | None, now: float) -> PeerLink:
-        """A TCP connection was made: to `peer` when we dialed, from someone when None."""
+    def new_link(self, peer: str | None, now: float, address: str | None = None) -> PeerLink:
+        """A TCP connection was made: to `peer` when we dialed, from someone when None.
+        `address` is the peer's IP address, where its UDP data channel is."""
         overlay = self.tree.overlay
         link = PeerLink(
             self.local_open,
@@ -128,6 +133,8 @@ class Node:
             keepalive_interval=overlay.keepalive_interval,
             dead_interval=overlay.dead_interval,
             now=now,
+            keys=self.keys,
+            address=address,
         )
         self.pending.append(link)
         return link
@@ -142,6 +149,7 @@ class Node:
             self.pending.remove(link)
         if link.peer is not None and self.links.get(link.peer) is link:
             del self.links[link.peer]
+            self.udp_peers.pop((link.address or "", link.udp_port), None)
             self.last_errors[link.peer] = link.close_reason
             log.warning("link to %s down: %s", link.peer, link.close_reason)
             self._apply(self.interest.peer_down(link.peer), now)
@@ -251,62 +259,116 @@ class Node:
         self._send_data(route, packet, outputs)
 
     def _send_data(self, route: GroupRoute, packet: bytearray, outputs: list[PeerLink]) -> None:
-        pad = bytes(-len(packet) % 4)
-        address = route.overlay_address
         size = len(packet)
+        body = bytes(packet) + bytes(-size % 4)
+        address = route.overlay_address
         counters = self.counters
         for link in outputs:
-            if len(link.tx) > link.TX_LIMIT:
-                link.dropped_queue += 1
-                counters["dropped_queue"] += 1
-                continue
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
-            tx = link.tx
-            tx += codec.ip_data_header(address, seq, size)
-            tx += packet
-            tx += pad
+            message = codec.ip_data_header(address, seq, size) + body
+            if link.udp_port and len(message) <= self.udp_limit:
+                if len(link.datagrams) >= link.DATAGRAM_LIMIT:
+                    link.dropped_queue += 1
+                    counters["dropped_queue"] += 1
+                    continue
+                link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
+            else:
+                if link.data_bytes > link.DATA_LIMIT:
+                    link.dropped_queue += 1
+                    counters["dropped_queue"] += 1
+                    continue
+                link.data.append(message)
+                link.data_bytes += len(message)
             link.tx_packets += 1
             counters["forwarded"] += 1
 
     # -- from a peer ---------------------------------------------------------------
 
     def link_data(self, link: PeerLink, data: bytes, now: float) -> None:
-        """Bytes received on a peer link: frame them and act on each message."""
+        """Bytes received on a peer's stream: frame them and act on each message."""
         buf = link.rx
         buf += data
         link.last_rx = now
         link.rx_bytes += len(data)
-        unpack_head = codec.IP_DATA_HEAD.unpack_from
         offset, end = 0, len(buf)
         try:
             while end - offset >= codec.HEADER_LEN:
                 opcode, length = codec.check_header(buf, offset)
                 if end - offset < length:
                     break
-                if opcode == codec.OP_IP_DATA and link.state == UP:
-                    _, _, _, _, objlen, cnum, ctype, _, _ = unpack_head(buf, offset)
-                    if (
-                        cnum != codec.CNUM_CLIENT_SI
-                        or ctype != 1
-                        or not codec.IP_DATA_MIN_OBJECT <= objlen <= length - 8
-                        or ((objlen + 3) & ~3) != length - 8
-                    ):
-                        raise codec.CodecError("ip-data object does not fit its message")
-                    link.rx_packets += 1
-                    self._from_peer(link, bytes(buf[offset + 20 : offset + 8 + objlen]))
+                wire_length = length
+                if link.auth is None:
+                    message, start = buf, offset
                 else:
-                    self._control(link, codec.decode(buf[offset : offset + length]), now)
-                offset += length
-                if link.state != UP and link not in self.pending:
+                    message, start = self._unseal(link, bytes(buf[offset : offset + length]), now), 0
+                    length = len(message)
+                if opcode == codec.OP_IP_DATA and link.state == UP:
+                    self._ip_data(link, message, start, length)
+                else:
+                    self._control(link, codec.decode(message[start : start + length]), now)
+                offset += wire_length
+                if link.state == CLOSED:
                     break
         except codec.CodecError as exc:
-            self.counters["dropped_malformed"] += 1
+            if isinstance(exc, IntegrityError):
+                link.dropped_auth += 1
+                self.counters["dropped_auth"] += 1
+            else:
+                self.counters["dropped_malformed"] += 1
             log.warning("bad message from %s: %s", link.peer or "peer", exc)
             link.close(codec.CLOSE_BAD_MESSAGE, str(exc), now)
             self._forget(link, now)
             buf.clear()
             return
         del buf[:offset]
+
+    def _unseal(self, link: PeerLink, message: bytes, now: float) -> bytes:
+        """`message` verified and without its Integrity object; IntegrityError otherwise."""
+        auth = link.auth
+        assert auth is not None
+        if link.state == OPENING:
+            inner, key_id = auth.unseal_open(message)
+            link.peer_key_id = key_id
+            return inner
+        if link.state == CLOSED:
+            return auth.unseal_open(message)[0] if auth.session_key is None else auth.unseal(message)
+        inner = auth.unseal(message)
+        if link.state == CONFIRMING:
+            self._link_up(link, now)
+        return inner
+
+    def link_datagram(self, link: PeerLink, data: bytes, now: float) -> None:
+        """A datagram from the peer's UDP data channel: one IP-Data message."""
+        try:
+            opcode, length = codec.check_header(data, 0)
+            if opcode != codec.OP_IP_DATA or length != len(data):
+                raise codec.CodecError("the UDP channel carries one ip-data message per datagram")
+            if link.auth is not None:
+                data = link.auth.unseal_datagram(data)
+            link.last_rx = now
+            self._ip_data(link, data, 0, len(data))
+        except IntegrityError:
+            link.dropped_auth += 1
+            self.counters["dropped_auth"] += 1
+        except codec.CodecError:
+            self.counters["dropped_malformed"] += 1
+
+    def _ip_data(self, link: PeerLink, buf: bytes | bytearray, offset: int, length: int) -> None:
+        """An IP-Data message from an up link, at `offset` in `buf`: the data fast path."""
+        _, _, _, _, objlen, cnum, ctype, _, seq = codec.IP_DATA_HEAD.unpack_from(buf, offset)
+        if (
+            cnum != codec.CNUM_CLIENT_SI
+            or ctype != 1
+            or not codec.IP_DATA_MIN_OBJECT <= objlen <= length - 8
+            or ((objlen + 3) & ~3) != length - 8
+        ):
+            raise codec.CodecError("ip-data object does not fit its message")
+        link.rx_packets += 1
+        if seq != link.rx_next:
+            link.count_seq(seq)
+        else:
+            link.rx_next = seq + 1
+        self._from_peer(link, bytes(buf[offset + 20 : offset + 8 + objlen]))
 
     def _from_peer(self, link: PeerLink, packet: bytes) -> None:
         version = packet[0] >> 4
@@ -333,21 +395,13 @@ class Node:
     def _control(self, link: PeerLink, msg: codec.Message, now: float) -> None:
         if isinstance(msg, Open):
             expected = {peer for peer, dials in self.neighbours.items() if not dials}
-            problem = link.on_open(msg, expected, now)
+            problem = link.on_open(msg, expected, now, link.peer_key_id)
             if problem is not None:
                 log.warning("refused link from %s: %s", msg.node, problem)
                 self.last_errors[msg.node] = problem
                 self._forget(link, now)
-                return
-            self.pending.remove(link)
-            old = self.links.get(msg.node)
-            if old is not None:
-                old.close(codec.CLOSE_REPLACED, "replaced by a new connection", now)
-                self._forget(old, now)
-            self.links[msg.node] = link
-            self.last_errors.pop(msg.node, None)
-            log.info("link to %s up", msg.node)
-            self._apply(self.interest.peer_up(msg.node), now)
+            elif link.state == UP:
+                self._link_up(link, now)
         elif link.state != UP:
             if isinstance(msg, Close):
                 link.on_close(msg)
@@ -374,6 +428,23 @@ class Node:
             self._forget(link, now)
         elif isinstance(msg, IpData):  # pragma: no cover - handled on the fast path
             pass
+
+    def _link_up(self, link: PeerLink, now: float) -> None:
+        peer = link.peer
+        assert peer is not None
+        if link in self.pending:
+            self.pending.remove(link)
+        link.state = UP
+        old = self.links.get(peer)
+        if old is not None and old is not link:
+            old.close(codec.CLOSE_REPLACED, "replaced by a new connection", now)
+            self._forget(old, now)
+        self.links[peer] = link
+        if link.udp_port and link.address is not None:
+            self.udp_peers[(link.address, link.udp_port)] = link
+        self.last_errors.pop(peer, None)
+        log.info("link to %s up (%s)", peer, link.transport)
+        self._apply(self.interest.peer_up(peer), now)
 
     # -- membership and interest ---------------------------------------------------
 

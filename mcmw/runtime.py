@@ -41,6 +41,7 @@ class Connection:
         self.fd = sock.fileno()
         self.link = link
         self.writing = False
+        self.out: bytes = b""  # taken from the link, not yet accepted by the socket
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.was_up = False
 
@@ -56,6 +57,7 @@ class Runtime:
         self.tap = TapDevice(tap_cfg.name, tap_cfg.address, tap_cfg.mtu, tap_cfg.ipv6_scopes)
         self.conns: list[Connection] = []
         self.listener: socket.socket | None = None
+        self.udp: socket.socket | None = None
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.control = ControlServer(socket_path, self.status)
@@ -67,6 +69,7 @@ class Runtime:
         self.tap.open()
         try:
             self._listen()
+            self._open_udp()
             await self.control.start()
             loop.add_reader(self.tap.fd, self._tap_readable)
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,9 +95,10 @@ class Runtime:
             loop.remove_reader(self.tap.fd)
             self.tap.close()
             await self.control.stop()
-            if self.listener is not None:
-                loop.remove_reader(self.listener.fileno())
-                self.listener.close()
+            for sock in (self.listener, self.udp):
+                if sock is not None:
+                    loop.remove_reader(sock.fileno())
+                    sock.close()
         log.info("node %s stopped", self.name)
         return 0
 
@@ -113,13 +117,34 @@ class Runtime:
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._accept)
 
+    def _open_udp(self) -> None:
+        """The UDP data channel, when this node announces one."""
+        port = self.tree.nodes[self.name].udp
+        if not port:
+            return
+        # Bound to every address: peers send to whatever address their TCP link reaches us
+        # at, and our datagrams leave from the address routing picks, as TCP's do.
+        family = socket.AF_INET6 if ":" in self.tree.nodes[self.name].listen[0] else socket.AF_INET
+        host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock.setblocking(False)
+        self.udp = sock
+        self.loop.add_reader(sock.fileno(), self._udp_readable)
+
     async def _shutdown(self) -> None:
         for task in self.tasks:
             task.cancel()
         self.node.shutdown(time.monotonic())
         self._flush()
         deadline = time.monotonic() + 1.0
-        while any(c.link.tx for c in self.conns) and time.monotonic() < deadline:
+        while any(c.out or c.link.has_output for c in self.conns) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.conns):
             self._drop(conn)
@@ -153,13 +178,13 @@ class Runtime:
         assert self.listener is not None
         while True:
             try:
-                sock, _ = self.listener.accept()
+                sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 return
-            self._register(sock, self.node.new_link(None, time.monotonic()))
+            self._register(sock, self.node.new_link(None, time.monotonic(), address[0]))
             self._flush()
 
     async def _dial(self, peer: str) -> None:
@@ -175,7 +200,7 @@ class Runtime:
                 sock.close()
                 log.debug("dial %s at %s:%d failed: %s", peer, host, port, exc)
             else:
-                conn = self._register(sock, self.node.new_link(peer, time.monotonic()))
+                conn = self._register(sock, self.node.new_link(peer, time.monotonic(), host))
                 self._flush()
                 await conn.done
                 if conn.was_up:
@@ -231,6 +256,24 @@ class Runtime:
 
     # -- output -------------------------------------------------------------------
 
+    def _udp_readable(self) -> None:
+        assert self.udp is not None
+        node, recvfrom, peers = self.node, self.udp.recvfrom, self.node.udp_peers
+        now = time.monotonic()
+        for _ in range(TAP_BATCH):
+            try:
+                data, address = recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # an ICMP error for an earlier datagram; nothing to do
+            link = peers.get((address[0], address[1]))
+            if link is None:
+                node.counters["dropped_unknown_sender"] += 1
+            else:
+                node.link_datagram(link, data, now)
+        self._flush()
+
     def _flush(self) -> None:
         node = self.node
         if node.tap_out:
@@ -241,16 +284,41 @@ class Runtime:
                 else:
                     node.counters["dropped_tap"] += 1
             node.tap_out.clear()
-        for conn in self.conns:
-            if conn.link.tx and not conn.writing:
+        for conn in list(self.conns):
+            link = conn.link
+            if link.datagrams:
+                self._send_datagrams(link)
+            if (conn.out or link.has_output) and not conn.writing:
                 self._send(conn)
-            elif conn.link.state == CLOSED and not conn.link.tx:
+            elif link.state == CLOSED and not conn.out and not link.has_output:
                 self._drop(conn)
 
+    def _send_datagrams(self, link: PeerLink) -> None:
+        if self.udp is None or link.address is None:
+            link.datagrams.clear()
+            return
+        sendto, destination = self.udp.sendto, (link.address, link.udp_port)
+        for index, datagram in enumerate(link.datagrams):
+            try:
+                sendto(datagram, destination)
+            except (BlockingIOError, InterruptedError):
+                # The socket buffer is full: what is left is dropped, and counted.
+                dropped = len(link.datagrams) - index
+                link.dropped_queue += dropped
+                self.node.counters["dropped_queue"] += dropped
+                break
+            except OSError:
+                # e.g. ECONNREFUSED from an earlier datagram's ICMP error, or no route
+                self.node.counters["udp_send_errors"] += 1
+        link.datagrams.clear()
+
     def _send(self, conn: Connection) -> None:
-        tx = conn.link.tx
+        link = conn.link
+        if link.has_output:
+            chunk = link.take_output()
+            conn.out = conn.out + chunk if conn.out else chunk
         try:
-            sent = conn.sock.send(tx)
+            sent = conn.sock.send(conn.out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -258,15 +326,15 @@ class Runtime:
                 self._lost(conn, exc.strerror or str(exc))
                 return
             sent = 0
-        del tx[:sent]
-        if tx and not conn.writing:
+        conn.out = conn.out[sent:]
+        if conn.out and not conn.writing:
             conn.writing = True
             self.loop.add_writer(conn.fd, self._writable, conn)
-        elif not tx:
+        elif not conn.out:
             if conn.writing:
                 conn.writing = False
                 self.loop.remove_writer(conn.fd)
-            if conn.link.state == CLOSED:
+            if link.state == CLOSED and not link.has_output:
                 self._drop(conn)
 
     def status(self) -> dict[str, object]:

@@ -53,7 +53,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
             "name": peer,
             "state": "up" if link is not None else "down",
             "role": "dial" if dials else "accept",
-            "transport": "tcp",
+            "transport": link.transport if link is not None else "tcp",
         }
         if link is not None:
             entry.update(
@@ -61,7 +61,11 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
                 tx_packets=link.tx_packets,
                 rx_packets=link.rx_packets,
                 rx_bytes=link.rx_bytes,
+                rx_lost=link.rx_lost,
+                rx_reordered=link.rx_reordered,
                 dropped_queue=link.dropped_queue,
+                dropped_auth=link.dropped_auth,
+                authenticated=link.auth is not None,
                 up_s=round(now - link.opened_at, 1),
             )
         else:

@@ -10,18 +10,21 @@ within a connection, sequence numbers only go up (TCP) or fall inside a sliding 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 from pathlib import Path
 
-from overlay.codec import COMMON_HEADER, HEADER_LEN, OBJECT_HEADER, CodecError
+from overlay.codec import COMMON_HEADER, HEADER_LEN, CodecError
 
 CNUM_INTEGRITY = 16
 DIGEST_LEN = 32
 INTEGRITY_HEAD = struct.Struct("!HBBII")  # object header, key id, sequence number
 INTEGRITY_LEN = INTEGRITY_HEAD.size + DIGEST_LEN  # 44
 REPLAY_WINDOW = 1024
+
+
+class IntegrityError(CodecError):
+    """A message failed its Integrity check (bad HMAC, unknown key, replay)."""
 
 
 class KeyFileError(ValueError):
@@ -72,11 +75,11 @@ def _seal(message: bytes | bytearray, key_id: int, seq: int, key: bytes) -> byte
 def _split(message: bytes) -> tuple[bytes, int, int, bytes]:
     """(message without its Integrity object, key id, seq, digest); CodecError if absent."""
     if len(message) < HEADER_LEN + INTEGRITY_LEN:
-        raise CodecError("integrity object missing")
+        raise IntegrityError("integrity object missing")
     start = len(message) - INTEGRITY_LEN
     length, cnum, ctype, key_id, seq = INTEGRITY_HEAD.unpack_from(message, start)
     if (length, cnum, ctype) != (INTEGRITY_LEN, CNUM_INTEGRITY, 1):
-        raise CodecError("integrity object missing")
+        raise IntegrityError("integrity object missing")
     head = COMMON_HEADER.unpack_from(message)
     inner = COMMON_HEADER.pack(head[0], head[1], head[2], start) + message[HEADER_LEN:start]
     return inner, key_id, seq, message[start + INTEGRITY_HEAD.size :]
@@ -98,15 +101,16 @@ class Authenticator:
     def seal_open(self, message: bytes) -> bytes:
         return _seal(message, self.signing_id, 0, self.keys[self.signing_id])
 
-    def open_key_id(self, message: bytes) -> int:
-        """Verify a peer's Open against the key ring; return the key id it used."""
-        inner, key_id, seq, digest = _split(message)
+    def unseal_open(self, message: bytes) -> tuple[bytes, int]:
+        """Verify a message sealed with a pre-shared key (the peer's Open, or its Close
+        before a session); return it without the Integrity object, and the key id."""
+        inner, key_id, _, digest = _split(message)
         key = self.keys.get(key_id)
         if key is None:
-            raise CodecError(f"integrity: unknown key id {key_id}")
-        if not hmac.compare_digest(hmac.digest(key, message[: -DIGEST_LEN], "sha256"), digest):
-            raise CodecError("integrity: bad HMAC on open")
-        return key_id
+            raise IntegrityError(f"integrity: unknown key id {key_id}")
+        if not hmac.compare_digest(hmac.digest(key, message[:-DIGEST_LEN], "sha256"), digest):
+            raise IntegrityError("integrity: bad HMAC on open")
+        return inner, key_id
 
     def start_session(self, dialer_key_id: int, dialer_nonce: bytes, acceptor_nonce: bytes) -> None:
         key = self.keys[dialer_key_id]
@@ -125,7 +129,7 @@ class Authenticator:
         """Verify a stream message; return it without the Integrity object."""
         inner, seq = self._verify(message)
         if seq <= self.rx_seq:
-            raise CodecError(f"integrity: replayed sequence number {seq}")
+            raise IntegrityError(f"integrity: replayed sequence number {seq}")
         self.rx_seq = seq
         return inner
 
@@ -139,23 +143,16 @@ class Authenticator:
             return inner
         back = self.udp_top - seq
         if back >= REPLAY_WINDOW or self.udp_seen >> back & 1:
-            raise CodecError(f"integrity: replayed or stale datagram {seq}")
+            raise IntegrityError(f"integrity: replayed or stale datagram {seq}")
         self.udp_seen |= 1 << back
         return inner
 
     def _verify(self, message: bytes) -> tuple[bytes, int]:
         if self.session_key is None:
-            raise CodecError("integrity: message before the session key")
+            raise IntegrityError("integrity: message before the session key")
         inner, key_id, seq, digest = _split(message)
         expected = hmac.digest(self.session_key, message[: -DIGEST_LEN], "sha256")
         if key_id != 0 or not hmac.compare_digest(expected, digest):
-            raise CodecError("integrity: bad HMAC")
+            raise IntegrityError("integrity: bad HMAC")
         return inner, seq
 
-
-def fingerprint(keys: dict[int, bytes]) -> str:
-    """A short, non-secret label of a key ring for logs."""
-    return hashlib.sha256(b"".join(keys[k] for k in sorted(keys))).hexdigest()[:8]
-
-
-__all__ = ["Authenticator", "KeyFileError", "load_keys", "OBJECT_HEADER"]

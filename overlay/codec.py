@@ -50,7 +50,7 @@ CLOSE_REPLACED = 7
 
 COMMON_HEADER = struct.Struct("!BBHI")
 OBJECT_HEADER = struct.Struct("!HBB")
-OPEN_INFO = struct.Struct("!BBBBHH")
+OPEN_INFO = struct.Struct("!BBBBHH16s")  # ..., udp port, reserved, nonce
 KEEPALIVE_INFO = struct.Struct("!QQQ")
 ROUTE_HEAD = struct.Struct("!IBBH")
 ERROR_BODY = struct.Struct("!HH")
@@ -85,6 +85,7 @@ class Open:
     udp_port: int = 0
     dead_interval: int = 10
     version: int = PROTOCOL_VERSION
+    nonce: bytes = bytes(16)  # random per connection when messages are authenticated
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ def encode(msg: Message) -> bytes:
                         TTL_CODES[msg.ttl_mode],
                         msg.udp_port,
                         0,
+                        msg.nonce,
                     ),
                 ),
             ],
@@ -322,10 +324,10 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         if len(katimer) != KA_TIMER.size or len(info) != OPEN_INFO.size:
             raise CodecError("open: object of the wrong size")
         _, dead = KA_TIMER.unpack(katimer)
-        version, bits, mapping, ttl, udp_port, _ = OPEN_INFO.unpack(info)
+        version, bits, mapping, ttl, udp_port, _, nonce = OPEN_INFO.unpack(info)
         if mapping not in MAPPING_NAMES or ttl not in TTL_NAMES:
             raise CodecError(f"open: unknown mapping {mapping} or ttl mode {ttl}")
-        return Open(node, bits, MAPPING_NAMES[mapping], TTL_NAMES[ttl], udp_port, dead, version)
+        return Open(node, bits, MAPPING_NAMES[mapping], TTL_NAMES[ttl], udp_port, dead, version, nonce)
     if opcode == OP_KEEPALIVE:
         (info,) = _expect(objects, [CNUM_CLIENT_SI], name)
         if len(info) != KEEPALIVE_INFO.size:

@@ -1,21 +1,29 @@
 """One peer link's state machine, sans-IO: open handshake, keep-alives, dead interval, close.
 
-The link owns its byte buffers; the transport moves `tx` to the socket and feeds
-received bytes to the node, which frames them (the data path lives there).
+The link owns its output queues: control messages (`ctrl`) always leave before
+data (`data` on the TCP stream, `datagrams` on the UDP channel), and data beyond a
+bound is dropped and counted, so a slow peer never holds up the others. The node
+frames received bytes itself (the data path lives there) and asks the link to
+verify integrity when a key is configured.
 """
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import replace
+
 from overlay import codec
+from overlay.auth import Authenticator
 from overlay.codec import Close, KeepAlive, Open
 
-OPENING, UP, CLOSED = "opening", "up", "closed"
+OPENING, CONFIRMING, UP, CLOSED = "opening", "confirming", "up", "closed"
 
 
 class PeerLink:
     """A TCP connection to a neighbour, from connect (or accept) to close."""
 
-    TX_LIMIT = 4 * 1024 * 1024  # bytes queued for the socket before data is dropped
+    DATA_LIMIT = 2 * 1024 * 1024  # data bytes queued for the socket before data is dropped
+    DATAGRAM_LIMIT = 4096  # datagrams queued for the UDP socket before data is dropped
 
     def __init__(
         self,
@@ -25,16 +33,26 @@ class PeerLink:
         keepalive_interval: float,
         dead_interval: float,
         now: float,
+        keys: dict[int, bytes] | None = None,
+        address: str | None = None,
     ) -> None:
-        self.local_open = local_open
         self.peer = peer  # known up front when dialing; learned from Open when accepting
         self.dialer = dialer
+        self.address = address  # the peer's IP address, for the UDP channel
         self.keepalive_interval = keepalive_interval
         self.dead_interval = dead_interval
+        self.auth = Authenticator(keys, secrets.token_bytes(16)) if keys else None
+        self.local_open = replace(local_open, nonce=self.auth.nonce) if self.auth else local_open
         self.state = OPENING
-        self.tx = bytearray()
+        self.sealed = bytearray()  # ready for the stream: Opens, and Closes before a session
+        self.ctrl: list[bytes] = []  # control messages, sealed when taken
+        self.data: list[bytes] = []  # IP-Data messages for the stream, sealed when taken
+        self.data_bytes = 0
+        self.datagrams: list[bytes] = []  # IP-Data for the UDP channel, sealed already
         self.rx = bytearray()
+        self.udp_port = 0  # the peer's UDP data port, when both ends have one
         self.seq = 0
+        self.rx_next = 0
         self.opened_at = now
         self.last_rx = now
         self.last_keepalive = now
@@ -43,25 +61,57 @@ class PeerLink:
         self.rtt_ms: float | None = None
         self.close_code = 0
         self.close_reason = ""
-        self.remote_reason = ""
         self.tx_packets = self.rx_packets = 0
-        self.tx_bytes = self.rx_bytes = 0
+        self.rx_bytes = 0
+        self.rx_lost = self.rx_reordered = 0
         self.dropped_queue = 0
-        self.send(codec.encode(local_open))
+        self.dropped_auth = 0
+        self.peer_key_id = 0  # the pre-shared key the peer's Open was sealed with
+        encoded = codec.encode(self.local_open)
+        self.sealed += self.auth.seal_open(encoded) if self.auth else encoded
 
     @property
     def up(self) -> bool:
         return self.state == UP
 
+    @property
+    def transport(self) -> str:
+        return "udp" if self.udp_port else "tcp"
+
     def send(self, message: bytes) -> None:
+        """Queue a control message."""
         if self.state != CLOSED:
-            self.tx += message
+            self.ctrl.append(message)
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self.sealed or self.ctrl or self.data)
+
+    def take_output(self) -> bytes:
+        """Everything queued for the stream, control first, sealed in the order it leaves
+        (so sequence numbers rise on the wire); the queues are emptied."""
+        messages = self.ctrl + self.data
+        if self.auth is not None:
+            messages = [self.auth.seal(m) for m in messages]
+        out = bytes(self.sealed) + b"".join(messages)
+        self.sealed.clear()
+        self.ctrl.clear()
+        self.data.clear()
+        self.data_bytes = 0
+        return out
 
     def close(self, code: int, reason: str, now: float) -> None:
-        """Tell the peer why, and stop; the transport closes once `tx` is flushed."""
+        """Tell the peer why, and stop; the transport closes once the output is flushed."""
         if self.state == CLOSED:
             return
-        self.send(codec.encode(Close(code, reason)))
+        message = codec.encode(Close(code, reason))
+        if self.auth is not None and self.auth.session_key is None:
+            self.sealed += self.auth.seal_open(message)  # no session yet: the pre-shared key
+        else:
+            self.send(message)
+        self.data.clear()
+        self.data_bytes = 0
+        self.datagrams.clear()
         self.state = CLOSED
         self.close_code, self.close_reason = code, reason
 
@@ -71,8 +121,8 @@ class PeerLink:
             self.state = CLOSED
             self.close_reason = reason
 
-    def on_open(self, msg: Open, expected: set[str], now: float) -> str | None:
-        """Check the peer's Open; return the problem, or None and go up."""
+    def on_open(self, msg: Open, expected: set[str], now: float, peer_key_id: int = 0) -> str | None:
+        """Check the peer's Open; return the problem (the link is then closed), or None."""
         mine = self.local_open
         problem = None
         if self.state != OPENING:
@@ -94,8 +144,25 @@ class PeerLink:
             self.close(codec.CLOSE_MISMATCH, problem, now)
             return problem
         self.peer = msg.node
-        self.state = UP
+        if mine.udp_port and msg.udp_port and self.address is not None:
+            self.udp_port = msg.udp_port
+        if self.auth is not None:
+            if self.dialer:
+                self.auth.start_session(self.auth.signing_id, self.auth.nonce, msg.nonce)
+            else:
+                self.auth.start_session(peer_key_id, msg.nonce, self.auth.nonce)
+            # Up only once the peer proves the session key: a recorded Open replayed
+            # by someone without the key never replaces a working link.
+            self.state = CONFIRMING
+        else:
+            self.state = UP
+        self.keepalive(now)  # at once: it confirms the session and starts the RTT
         return None
+
+    def keepalive(self, now: float) -> None:
+        held = int((now - self.peer_timestamp_at) * 1e9) if self.peer_timestamp else 0
+        self.send(codec.encode(KeepAlive(int(now * 1e9), self.peer_timestamp, held)))
+        self.last_keepalive = now
 
     def on_keepalive(self, msg: KeepAlive, now: float) -> None:
         self.peer_timestamp = msg.timestamp_ns
@@ -105,9 +172,20 @@ class PeerLink:
             self.rtt_ms = max(0.0, (int(now * 1e9) - msg.echo_ns - msg.held_ns) / 1e6)
 
     def on_close(self, msg: Close) -> None:
-        self.remote_reason = msg.reason
         self.state = CLOSED
         self.close_code, self.close_reason = msg.code, f"peer closed: {msg.reason}"
+
+    def count_seq(self, seq: int) -> None:
+        """Loss and reordering of the peer's data, from its per-link sequence numbers."""
+        expected = self.rx_next
+        if seq == expected or expected == 0:
+            self.rx_next = seq + 1
+        elif seq > expected:
+            self.rx_lost += seq - expected
+            self.rx_next = seq + 1
+        else:
+            self.rx_reordered += 1
+            self.rx_lost = max(0, self.rx_lost - 1)
 
     def tick(self, now: float) -> None:
         """Send a keep-alive when due; close the link when the peer has gone silent."""
@@ -117,14 +195,9 @@ class PeerLink:
             self.close(codec.CLOSE_DEAD, f"nothing heard for {self.dead_interval:g}s", now)
         elif self.state == UP and now - self.last_keepalive >= self.keepalive_interval:
             # Sent even while data flows: keep-alives also measure the round-trip time.
-            held = int((now - self.peer_timestamp_at) * 1e9) if self.peer_timestamp else 0
-            ka = KeepAlive(int(now * 1e9), self.peer_timestamp, held)
-            self.send(codec.encode(ka))
-            self.last_keepalive = now
+            self.keepalive(now)
 
     def next_deadline(self) -> float:
         if self.state == UP:
-            return min(
-                self.last_keepalive + self.keepalive_interval, self.last_rx + self.dead_interval
-            )
+            return min(self.last_keepalive + self.keepalive_interval, self.last_rx + self.dead_interval)
         return self.last_rx + self.dead_interval

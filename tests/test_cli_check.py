@@ -140,7 +140,6 @@ def test_map_with_a_broken_tree(tmp_path: Path) -> None:
     assert line.startswith(f"mcmw map: {path}:1: overlay.mapping: 'nope' is not one of")
 
 
-@pytest.mark.xfail(reason="mcmw/cli.py cmd_map must turn parse_group's ValueError into exit 2")
 def test_map_rejects_a_unicast_address() -> None:
     line = assert_one_line_error(mcmw("map", "10.0.0.1"))
     assert "'10.0.0.1' is not a multicast group" in line

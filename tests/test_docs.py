@@ -71,6 +71,7 @@ def ip(text: str) -> bytes:
 NAMESPACE: dict[str, Any] = {
     "__builtins__": {},
     "bytes": bytes,
+    "range": range,
     "ip": ip,
     "Route": Route,
     **{cls.__name__: cls for cls in CLASSES.values()},

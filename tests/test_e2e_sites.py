@@ -74,3 +74,18 @@ def test_line_of_three_sites_with_a_branch_delivers_once_and_only_where_wanted(l
     assert next(p for p in d["peers"] if p["name"] == "b")["rx_packets"] == 0
     b_to_d = next(p for p in sites.status("b")["peers"] if p["name"] == "d")
     assert b_to_d["tx_packets"] == 0
+
+
+def test_udp_data_channel_with_authentication(lab: Lab) -> None:
+    (lab.workdir / "psk.key").write_text("7 a-shared-secret-for-tests-0123\n")
+    udp = {name: {"udp": 7100} for name in ("a", "b")}
+    sites = make_sites(lab, ["a", "b"], [("a", "b")], overlay={"secret_file": "psk.key"}, node_options=udp)
+    sites.wait_peers_up()
+    assert [p["transport"] for p in sites.status("a")["peers"]] == ["udp"]
+    receiver = sites.receiver("b", GROUP, 1000, timeout=5)
+    wait_for(lambda: wants(sites, "a", "b"), 5, "a to learn b wants the group")
+    sites.sender("a", GROUP, 1000, rate=3000).wait(timeout=30)
+    assert received(receiver)["received"] == list(range(1000))
+    b_peer = sites.status("b")["peers"][0]
+    assert b_peer["rx_packets"] == 1000 and b_peer["rx_lost"] == 0
+    assert sites.status("b")["counters"].get("dropped_auth", 0) == 0

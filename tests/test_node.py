@@ -16,21 +16,28 @@ from overlay import codec
 from overlay.link import PeerLink
 
 TREE = """
-overlay: {{address_bits: {bits}, mapping: modulo, ttl: {ttl}}}
+overlay: {{address_bits: {bits}, mapping: modulo, ttl: {ttl}{secret}}}
 nodes:
-  a: {{listen: "198.18.1.1:7000", tap: {{name: mcmw0, address: 169.254.1.1/16}}}}
-  b: {{listen: "198.18.1.2:7000", tap: {{name: mcmw0, address: 169.254.1.2/16}}}}
-  c: {{listen: "198.18.2.2:7000", tap: {{name: mcmw0, address: 169.254.1.3/16}}}}
+  a: {{listen: "198.18.1.1:7000", tap: {{name: mcmw0, address: 169.254.1.1/16}}{udp}}}
+  b: {{listen: "198.18.1.2:7000", tap: {{name: mcmw0, address: 169.254.1.2/16}}{udp}}}
+  c: {{listen: "198.18.2.2:7000", tap: {{name: mcmw0, address: 169.254.1.3/16}}{udp}}}
 links: [[a, b], [b, c]]
 """
+KEY = "1 0123456789abcdef0123456789abcdef\n"
 
 
 class Net:
     """Three nodes a-b-c, their links carried in memory, one virtual clock."""
 
-    def __init__(self, tmp_path: Path, bits: int = 24, ttl: str = "hop") -> None:
+    def __init__(
+        self, tmp_path: Path, bits: int = 24, ttl: str = "hop", udp: bool = False, key: str | None = None
+    ) -> None:
         path = tmp_path / "tree.yaml"
-        path.write_text(TREE.format(bits=bits, ttl=ttl))
+        secret = ""
+        if key is not None:
+            (tmp_path / "psk.key").write_text(key)
+            secret = ", secret_file: psk.key"
+        path.write_text(TREE.format(bits=bits, ttl=ttl, secret=secret, udp=", udp: 7001" if udp else ""))
         tree = load_tree(path)
         self.now = 1000.0
         self.nodes = {name: Node(tree, name, self.now) for name in "abc"}
@@ -43,7 +50,9 @@ class Net:
 
     def connect(self, dialer: str, acceptor: str) -> None:
         d, a = self.nodes[dialer], self.nodes[acceptor]
-        self.wires.append((d, d.new_link(acceptor, self.now), a, a.new_link(None, self.now)))
+        link_d = d.new_link(acceptor, self.now, address=f"10.0.0.{acceptor}")
+        link_a = a.new_link(None, self.now, address=f"10.0.0.{dialer}")
+        self.wires.append((d, link_d, a, link_a))
         self.pump()
 
     def pump(self) -> None:
@@ -53,11 +62,13 @@ class Net:
             moved = False
             for x, lx, y, ly in self.wires:
                 for ls, dst, ld in ((lx, y, ly), (ly, x, lx)):
-                    if ls.tx and ld.state != "closed":
-                        data = bytes(ls.tx)
-                        ls.tx.clear()
-                        dst.link_data(ld, data, self.now)
+                    if ls.has_output and ld.state != "closed":
+                        dst.link_data(ld, ls.take_output(), self.now)
                         moved = True
+                    for datagram in ls.datagrams:
+                        dst.link_datagram(ld, datagram, self.now)
+                        moved = True
+                    ls.datagrams.clear()
             for name, node in self.nodes.items():
                 self.tap[name].extend(node.tap_out)
                 node.tap_out.clear()
@@ -212,7 +223,7 @@ def test_garbage_from_a_peer_closes_the_link_with_a_reason(tmp_path: Path) -> No
     assert next(p for p in status["peers"] if p["name"] == "a")["state"] == "down"
     assert status["counters"]["dropped_malformed"] == 1
     # b told a why before closing.
-    reply = codec.decode(bytes(link.tx))
+    reply = codec.decode(link.take_output())
     assert isinstance(reply, codec.Close) and "out of range" in reply.reason
 
 
@@ -264,3 +275,83 @@ def test_leave_withdraws_interest_along_the_tree(tmp_path: Path) -> None:
     net.advance(3)  # Last Member Query Time: 2 x 1 s
     assert net.nodes["a"].routes == {}
     assert net.nodes["c"].status(net.now)["groups"] == []
+
+
+def test_udp_channel_carries_data_and_counts_loss(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True)
+    a_link = net.nodes["a"].links["b"]
+    assert a_link.transport == "udp"
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("a", datagram("239.1.1.1"))
+    assert len(net.data_out("c")) == 1
+    net.nodes["a"].tap_frames([datagram("239.1.1.1")], net.now)
+    a_link.datagrams.clear()  # lost on the way
+    net.frames("a", datagram("239.1.1.1"))
+    assert len(net.data_out("c")) == 1
+    assert net.nodes["b"].links["a"].rx_lost == 1
+    # Too big for one datagram: it takes the stream instead, whole.
+    net.frames("a", datagram("239.1.1.1", payload=b"y" * 1450))
+    (big,) = net.data_out("c")
+    assert len(big) == 14 + 20 + 8 + 1450
+
+
+def test_authenticated_links_come_up_and_carry_data(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True, key=KEY)
+    assert all(len(n.links) == len(n.neighbours) for n in net.nodes.values())
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("a", datagram("239.1.1.1"), datagram("239.1.1.1", payload=b"z" * 1450))
+    assert len(net.data_out("c")) == 2
+    net.advance(30)
+    assert all(link.up for link in net.nodes["b"].links.values())
+    assert net.nodes["b"].counters["dropped_auth"] == 0
+
+
+def test_peer_with_another_key_cannot_open_a_link(tmp_path: Path) -> None:
+    net = Net(tmp_path, key=KEY)
+    b = net.nodes["b"]
+    stranger = PeerLink(codec.Open("a", 24, "modulo"), "b", True, 3, 10, net.now,
+                        keys={1: b"another-secret-of-16+"})
+    link = b.new_link(None, net.now)
+    b.link_data(link, stranger.take_output(), net.now)
+    assert link.state == "closed" and "bad HMAC" in link.close_reason
+    assert b.counters["dropped_auth"] == 1
+    assert b.links["a"].up  # the real a is untouched
+
+
+def test_replayed_and_forged_messages_are_refused(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True, key=KEY)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a_link, b = net.nodes["a"].links["b"], net.nodes["b"]
+    b_link = b.links["a"]
+    net.nodes["a"].tap_frames([datagram("239.1.1.1")], net.now)
+    (sealed,) = a_link.datagrams
+    net.pump()
+    assert len(net.data_out("c")) == 1
+    b.link_datagram(b_link, sealed, net.now)  # the same datagram again
+    forged = bytearray(sealed)
+    forged[40] ^= 1
+    b.link_datagram(b_link, bytes(forged), net.now)
+    net.pump()
+    assert net.data_out("c") == []
+    assert b.counters["dropped_auth"] == 2 and b_link.up
+    # A recorded Open replayed on a new connection never displaces the working link.
+    replay = b.new_link(None, net.now)
+    opener = PeerLink(codec.Open("a", 24, "modulo"), "b", True, 3, 10, net.now,
+                      keys={1: KEY.split()[1].encode()})
+    b.link_data(replay, opener.take_output(), net.now)
+    assert replay.state == "confirming" and b.links["a"] is b_link
+    b.link_data(replay, sealed, net.now)  # not sealed with this connection's session key
+    assert replay.state == "closed" and b.links["a"] is b_link
+
+
+def test_a_slow_link_drops_data_but_never_control(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a = net.nodes["a"]
+    link = a.links["b"]
+    for _ in range(40):  # the socket takes nothing: the data queue fills
+        a.tap_frames([datagram("239.1.1.1", payload=b"q" * 1400)] * 100, net.now)
+    assert link.dropped_queue > 0 and link.data_bytes <= link.DATA_LIMIT + 2000
+    link.send(codec.encode(codec.KeepAlive(1, 0, 0)))
+    out = link.take_output()
+    assert isinstance(codec.decode(out[: codec.check_header(out, 0)[1]]), codec.KeepAlive)
