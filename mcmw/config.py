@@ -414,7 +414,14 @@ class _TreeReader:
                 f"keepalive_interval ({_show_seconds(keepalive)}) must be shorter than "
                 f"dead_interval ({_show_seconds(dead)}), or every quiet link dies",
             )
-        return OverlayConfig(bits, mapping, secret, ttl, keepalive, dead)
+        return OverlayConfig(
+            address_bits=bits,
+            mapping=mapping,
+            secret_file=secret,
+            ttl=ttl,
+            keepalive_interval=keepalive,
+            dead_interval=dead,
+        )
 
     def secret_file(self, at: _At) -> Path:
         text = self.text(at)
@@ -460,7 +467,7 @@ class _TreeReader:
         tap = self.tap(keys["tap"])
         igmp = self.querier(keys["igmp"], "igmp", IGMP_DEFAULTS) if "igmp" in keys else IGMP_DEFAULTS
         mld = self.querier(keys["mld"], "mld", MLD_DEFAULTS) if "mld" in keys else MLD_DEFAULTS
-        return NodeConfig(name, listen, tap, udp, igmp, mld)
+        return NodeConfig(name=name, listen=listen, tap=tap, udp=udp, igmp=igmp, mld=mld)
 
     def host_port(self, at: _At) -> tuple[str, int]:
         if isinstance(at.node, yaml.SequenceNode):
@@ -499,7 +506,7 @@ class _TreeReader:
                 f"MTU {mtu} is below IPv6's minimum of 1280; MLD and IPv6 groups will not work",
             )
         scopes = self.scopes(keys["ipv6_scopes"]) if "ipv6_scopes" in keys else defaults.ipv6_scopes
-        return TapConfig(name, address, mtu, scopes)
+        return TapConfig(name=name, address=address, mtu=mtu, ipv6_scopes=scopes)
 
     def ifname(self, at: _At) -> str:
         # Linux dev_valid_name(): 1 to IFNAMSIZ-1 bytes, not . or .., no '/', ':' or space.

@@ -101,9 +101,7 @@ class Node:
         self.routes: dict[bytes, GroupRoute] = {}
         self.tap_out: list[bytes] = []
         self.tap_rx = self.tap_tx = 0
-        self.counters: Counter[str] = Counter(
-            forwarded=0, delivered=0, dropped_ttl=0, dropped_malformed=0
-        )
+        self.counters: Counter[str] = Counter(forwarded=0, delivered=0, dropped_ttl=0, dropped_malformed=0)
         self.last_errors: dict[str, str] = {}  # peer -> why its link last closed
         self.keys = load_keys(overlay.secret_file) if overlay.secret_file else None
         self.udp_peers: dict[tuple[str, int], PeerLink] = {}  # (address, port) -> up link
@@ -138,6 +136,27 @@ class Node:
         )
         self.pending.append(link)
         return link
+
+    def reconfigure(self, tree: TreeConfig, now: float) -> list[str]:
+        """Adopt a re-read tree file: links to new neighbours are allowed, links to removed
+        ones are closed; everything else runs on untouched. Returns what was not applied
+        (settings that need a restart); raises ValueError when the file cannot apply."""
+        if tree.overlay != self.tree.overlay:
+            raise ValueError("overlay settings changed; restart every node to apply them")
+        if self.name not in tree.nodes:
+            raise ValueError(f"node {self.name!r} is no longer in the tree")
+        ignored = []
+        if tree.nodes[self.name] != self.config:
+            ignored.append(f"settings of node {self.name} (restart to apply)")
+        new_neighbours = dict(tree.neighbours(self.name))
+        for peer in [p for p in self.neighbours if new_neighbours.get(p) != self.neighbours[p]]:
+            link = self.links.get(peer)
+            if link is not None:
+                link.close(codec.CLOSE_NORMAL, "link removed from the tree", now)
+                self._forget(link, now)
+        self.tree = tree
+        self.neighbours = new_neighbours
+        return ignored
 
     def link_lost(self, link: PeerLink, reason: str, now: float) -> None:
         """The transport lost or closed `link`."""
@@ -415,11 +434,7 @@ class Node:
             peer = link.peer
             assert peer is not None
             for route in msg.routes:
-                want = (
-                    Filter(route.mode, frozenset(route.sources))
-                    if isinstance(msg, AddRoute)
-                    else None
-                )
+                want = Filter(route.mode, frozenset(route.sources)) if isinstance(msg, AddRoute) else None
                 self._apply(self.interest.set_requested(peer, route.group, want), now)
                 self._rebuild(self._route(route.group))
             self._prune()

@@ -59,7 +59,7 @@ class Runtime:
         self.listener: socket.socket | None = None
         self.udp: socket.socket | None = None
         self.stopping = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
+        self.dialers: dict[str, asyncio.Task[None]] = {}
         self.control = ControlServer(socket_path, self.status)
 
     # -- setup and teardown -------------------------------------------------------
@@ -77,9 +77,7 @@ class Runtime:
             loop.add_signal_handler(signal.SIGHUP, self._reload)
             self.node.start(time.monotonic())
             self._flush()
-            for peer, dials in self.node.neighbours.items():
-                if dials:
-                    self.tasks.append(asyncio.create_task(self._dial(peer)))
+            self._start_dialers()
             ticker = asyncio.create_task(self._tick())
             log.info(
                 "node %s up: tap %s %s, peers %s",
@@ -139,7 +137,7 @@ class Runtime:
         self.loop.add_reader(sock.fileno(), self._udp_readable)
 
     async def _shutdown(self) -> None:
-        for task in self.tasks:
+        for task in self.dialers.values():
             task.cancel()
         self.node.shutdown(time.monotonic())
         self._flush()
@@ -149,16 +147,29 @@ class Runtime:
         for conn in list(self.conns):
             self._drop(conn)
 
+    def _start_dialers(self) -> None:
+        """One dialing task per neighbour this node dials; none for links it no longer has."""
+        wanted = {peer for peer, dials in self.node.neighbours.items() if dials}
+        for peer in list(self.dialers):
+            if peer not in wanted:
+                self.dialers.pop(peer).cancel()
+        for peer in wanted - set(self.dialers):
+            self.dialers[peer] = asyncio.create_task(self._dial(peer))
+
     def _reload(self) -> None:
+        """SIGHUP: re-read the tree file; add and remove links, disturb nothing else."""
         try:
             tree = load_tree(self.tree.path)
-        except ConfigError as exc:
+            ignored = self.node.reconfigure(tree, time.monotonic())
+        except (ConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running tree: %s", exc)
             return
-        if self.name not in tree.nodes:
-            log.error("reload refused: node %s is not in %s", self.name, tree.path)
-            return
-        log.info("reloaded %s (link changes take effect on restart)", tree.path)
+        self.tree = tree
+        self._start_dialers()
+        self._flush()
+        for what in ignored:
+            log.warning("reload: not applied: %s", what)
+        log.info("reloaded %s: peers now %s", tree.path, ", ".join(self.node.neighbours) or "none")
 
     # -- events -------------------------------------------------------------------
 

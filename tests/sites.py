@@ -23,6 +23,36 @@ class Sites:
     ns: dict[str, str] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+    doc: dict[str, Any] = field(
+        default_factory=lambda: {
+            "overlay": {"address_bits": 24, "mapping": "modulo"},
+            "nodes": {},
+            "links": [],
+        }
+    )
+
+    def add_node(self, name: str, options: dict[str, Any] | None = None) -> None:
+        """A namespace for `name` and its entry in the tree (written by `write`)."""
+        index = len(self.ns) + 1
+        self.ns[name] = self.lab.ns(name)
+        self.doc["nodes"][name] = {
+            "listen": f"127.0.0.1:{7000 + index}",  # an acceptor listens on its veth instead
+            "tap": {"name": "mcmw0", "address": f"169.254.1.{index}/16"},
+            **(options or {}),
+        }
+
+    def add_link(self, dialer: str, acceptor: str) -> None:
+        """A veth between the two sites and the tree link; the acceptor listens on it."""
+        index = len(self.doc["links"]) + 1
+        self.lab.veth(self.ns[dialer], f"198.18.{index}.1/24", self.ns[acceptor], f"198.18.{index}.2/24")
+        self.doc["nodes"][acceptor]["listen"] = f"198.18.{index}.2:7000"
+        self.doc["links"].append([dialer, acceptor])
+
+    def write(self) -> None:
+        self.tree.write_text(yaml.safe_dump(self.doc, sort_keys=False))
+
+    def start(self, name: str) -> None:
+        self.procs[name], self.sockets[name] = self.lab.start_node(self.ns[name], self.tree, name)
 
     def status(self, node: str) -> dict[str, Any]:
         status = status_or_none(self.sockets[node])
@@ -102,25 +132,12 @@ def make_sites(
 ) -> Sites:
     """A namespace per node, a veth per link (dialer -> acceptor), mcmw started in each."""
     sites = Sites(lab, lab.workdir / "tree.yaml")
-    nodes: dict[str, dict[str, Any]] = {}
-    for index, name in enumerate(names, start=1):
-        sites.ns[name] = lab.ns(name)
-        nodes[name] = {
-            "listen": f"127.0.0.1:{7000 + index}",  # replaced below for acceptors
-            "tap": {"name": "mcmw0", "address": f"169.254.1.{index}/16"},
-        }
-        nodes[name].update((node_options or {}).get(name, {}))
-    for index, (dialer, acceptor) in enumerate(links, start=1):
-        lab.veth(
-            sites.ns[dialer], f"198.18.{index}.1/24", sites.ns[acceptor], f"198.18.{index}.2/24"
-        )
-        nodes[acceptor]["listen"] = f"198.18.{index}.2:7000"
-    doc = {
-        "overlay": {"address_bits": 24, "mapping": "modulo", **(overlay or {})},
-        "nodes": nodes,
-        "links": [list(link) for link in links],
-    }
-    sites.tree.write_text(yaml.safe_dump(doc, sort_keys=False))
+    sites.doc["overlay"].update(overlay or {})
     for name in names:
-        sites.procs[name], sites.sockets[name] = lab.start_node(sites.ns[name], sites.tree, name)
+        sites.add_node(name, (node_options or {}).get(name))
+    for dialer, acceptor in links:
+        sites.add_link(dialer, acceptor)
+    sites.write()
+    for name in names:
+        sites.start(name)
     return sites

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from mcmw.lab import Lab, wait_for
@@ -17,9 +19,7 @@ def wants(sites, node: str, peer: str) -> bool:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("igmp_version", [3, 2])
-def test_two_sites_stream_exactly_once_in_order_and_stops_after_leave(
-    lab: Lab, igmp_version: int
-) -> None:
+def test_two_sites_stream_exactly_once_in_order_and_stops_after_leave(lab: Lab, igmp_version: int) -> None:
     sites = make_sites(lab, ["a", "b"], [("a", "b")])
     sites.wait_peers_up()
     if igmp_version != 3:
@@ -41,9 +41,7 @@ def test_two_sites_stream_exactly_once_in_order_and_stops_after_leave(
     # The receiver left when it closed its socket: the stream must stop reaching b's TAP.
     sender = sites.sender("a", GROUP, 100_000, rate=500)
     try:
-        wait_for(
-            lambda: sites.group("b", GROUP) is None, 3.5, "b to drop the group after the leave"
-        )
+        wait_for(lambda: sites.group("b", GROUP) is None, 3.5, "b to drop the group after the leave")
         stopped_at = sites.status("b")["tap"]["tx_frames"]
         wait_for(lambda: sites.status("a")["counters"]["forwarded"] > 0, 1, "a keeps sending")
         before = sites.status("a")["tap"]["rx_frames"]
@@ -89,3 +87,26 @@ def test_udp_data_channel_with_authentication(lab: Lab) -> None:
     b_peer = sites.status("b")["peers"][0]
     assert b_peer["rx_packets"] == 1000 and b_peer["rx_lost"] == 0
     assert sites.status("b")["counters"].get("dropped_auth", 0) == 0
+
+
+def test_sighup_adds_a_leaf_without_disturbing_running_streams(lab: Lab) -> None:
+    sites = make_sites(lab, ["a", "b"], [("a", "b")])
+    sites.wait_peers_up()
+    receiver = sites.receiver("b", GROUP, 3000, timeout=5)
+    wait_for(lambda: wants(sites, "a", "b"), 5, "a to learn b wants the group")
+    sender = sites.sender("a", GROUP, 3000, rate=1000)  # 3 s of stream across the reload
+
+    sites.add_node("c")
+    sites.add_link("b", "c")
+    sites.write()
+    for node in ("a", "b"):
+        sites.procs[node].send_signal(signal.SIGHUP)
+    sites.start("c")
+    wait_for(lambda: sites.status("c")["peers"][0]["state"] == "up", 10, "the new leaf's link up")
+    late = sites.receiver("c", GROUP, 100, timeout=3)
+
+    sender.wait(timeout=30)
+    assert received(receiver)["received"] == list(range(3000))  # nothing lost or doubled
+    got = received(late)["received"]
+    assert got and got == sorted(set(got))  # the new leaf receives, once each, in order
+    assert "reloaded" in lab.node_log("a") and "reloaded" in lab.node_log("b")

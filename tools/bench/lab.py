@@ -46,8 +46,13 @@ def run(argv: list[str], check: bool = True, timeout: float = 30.0) -> subproces
 class Lab:
     """Namespaces `mcmwb-TAG-*`, their veths and processes, plus a scratch directory."""
 
-    def __init__(self, nice: int = 0) -> None:
+    def __init__(self, nice: int = 0, pin: bool = False) -> None:
         self.nice = nice  # niceness of every process the benchmark starts
+        # With pin, every process of a namespace runs on that namespace's CPU: each site
+        # gets a core of its own, as if on its own machine, and trials stop depending on
+        # where the scheduler happened to put the forwarders.
+        self.pin = pin and (os.cpu_count() or 1) >= 2
+        self.cpus: dict[str, int] = {}
         self.tag = secrets.token_hex(3)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"mcmwb-{self.tag}-"))
         self.namespaces: list[str] = []
@@ -55,11 +60,14 @@ class Lab:
 
     # -- namespaces -----------------------------------------------------------------
 
-    def ns(self, short: str) -> str:
-        """Create namespace mcmwb-TAG-SHORT with loopback up."""
+    def ns(self, short: str, cpu: int | None = None) -> str:
+        """Create namespace mcmwb-TAG-SHORT with loopback up; its processes run on `cpu`
+        when the lab pins."""
         name = f"mcmwb-{self.tag}-{short}"
         run(["ip", "netns", "add", name])
         self.namespaces.append(name)
+        if self.pin and cpu is not None:
+            self.cpus[name] = cpu
         self.exec(name, ["ip", "link", "set", "lo", "up"])
         return name
 
@@ -112,16 +120,17 @@ class Lab:
         stderr: int | IO[Any] = subprocess.PIPE,
         **kw: Any,
     ) -> subprocess.Popen[Any]:
-        """Start argv in ns. `ip netns exec` and `nice` exec in place, so the PID is the
-        program's own."""
+        """Start argv in ns (see `argv`)."""
         proc = subprocess.Popen(self.argv(ns, argv), stdout=stdout, stderr=stderr, text=True, **kw)
         self.processes.append(proc)
         return proc
 
     def argv(self, ns: str, argv: list[str]) -> list[str]:
-        """The command line that runs argv in ns at the lab's niceness."""
+        """The command line that runs argv in ns at the lab's niceness and CPU (`ip netns
+        exec`, `nice` and `taskset` all exec in place: the PID is the program's own)."""
         nice = ["nice", "-n", str(self.nice)] if self.nice else []
-        return ["ip", "netns", "exec", ns, *nice, *argv]
+        cpu = ["taskset", "-c", str(self.cpus[ns])] if ns in self.cpus else []
+        return ["ip", "netns", "exec", ns, *nice, *cpu, *argv]
 
     def start_ready(self, ns: str, argv: list[str], timeout: float = 10.0) -> subprocess.Popen[Any]:
         """Start a C helper and wait for its {"ready": true} line."""

@@ -53,7 +53,7 @@ def hold_group(lab: Lab, bins: dict[str, Path], ns: str, ifaddr: str | None) -> 
 def kernel_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
     """Sender in A, receiver in B, one veth, 224/4 routed onto it: the kernel carries
     the stream natively (veth xmit + softirq), no user space in between."""
-    a, b = lab.ns("ka"), lab.ns("kb")
+    a, b = lab.ns("ka", cpu=0), lab.ns("kb", cpu=1)
     va, vb = lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     lab.exec(a, ["ip", "route", "add", "224.0.0.0/4", "dev", va])
     lab.exec(b, ["ip", "route", "add", "224.0.0.0/4", "dev", vb])
@@ -64,7 +64,7 @@ def kernel_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
 @contextmanager
 def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iterator[BenchPath]:
     """A: app -> TAP -> relay.c -UDP (or TCP) over veth-> relay.c -> TAP -> app: B."""
-    a, b = lab.ns("ra"), lab.ns("rb")
+    a, b = lab.ns("ra", cpu=0), lab.ns("rb", cpu=1)
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     tap = lab.ifname("t")
     relays: dict[str, subprocess.Popen[Any]] = {}
@@ -152,7 +152,7 @@ def mcmw_tree(transport: str) -> str:
 @contextmanager
 def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterator[BenchPath]:
     """Two `mcmw run` nodes, a in A and b in B, linked over a veth."""
-    a, b = lab.ns("ma"), lab.ns("mb")
+    a, b = lab.ns("ma", cpu=0), lab.ns("mb", cpu=1)
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     tree = lab.workdir / "tree.yaml"
     tree.write_text(mcmw_tree(transport))

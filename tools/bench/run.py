@@ -79,7 +79,7 @@ def bench_mode(mode: str, bins: dict[str, Path], args: argparse.Namespace) -> di
             "work); figures will be low and noisy",
             file=sys.stderr,
         )
-    with Lab(nice=args.nice) as lab, MODES[mode](lab, bins) as path:
+    with Lab(nice=args.nice, pin=args.pin) as lab, MODES[mode](lab, bins) as path:
         result["path"] = path.describe
         result["namespaces"] = [path.ns_send, path.ns_recv]
         # A slow warm-up trial proves the path works before the search relies on it.
@@ -213,6 +213,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run every benchmark process at this niceness, e.g. -10 on a shared machine",
     )
     p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run site A's processes on CPU 0 and site B's on CPU 1 (default: yes)",
+    )
+    p.add_argument(
         "--mcmw",
         metavar="CMD",
         help="command that runs mcmw (default: .venv/bin/python -m mcmw of this checkout)",
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
             "wait_idle_s": args.wait_idle,
             "nice": args.nice,
+            "pin": args.pin,
             "mcmw_command": modes.MCMW_COMMAND,
             "loss_limit": 0.001,
         },
