@@ -29,8 +29,12 @@ LINUX_SLL = 113
 LINUX_SLL2 = 276
 # Other numbers that mean raw IP: DLT_RAW on Linux and OpenBSD, LINKTYPE_IPV4/IPV6.
 RAW_ALIASES = frozenset((12, 14, 228, 229))
-LINKTYPE_NAMES = {ETHERNET: "Ethernet", RAW_IP: "raw IP", LINUX_SLL: "Linux cooked v1",
-                  LINUX_SLL2: "Linux cooked v2"}
+LINKTYPE_NAMES = {
+    ETHERNET: "Ethernet",
+    RAW_IP: "raw IP",
+    LINUX_SLL: "Linux cooked v1",
+    LINUX_SLL2: "Linux cooked v2",
+}
 
 SLL_HEADER = struct.Struct("!HHH8sH")  # packet type, ARPHRD, address length, address, protocol
 SLL2_HEADER = struct.Struct("!HHIHBB8s")  # protocol, reserved, ifindex, ARPHRD, type, alen, addr

@@ -60,7 +60,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mcmw.config import load_tree
 
     tree = load_tree(args.config)
-    print(f"{args.config}: valid tree of {len(tree.nodes)} nodes and {len(tree.links)} links")
+    for warning in tree.warnings:
+        print(f"mcmw check: warning: {warning}", file=sys.stderr)
+    nodes, links = len(tree.nodes), len(tree.links)
+    print(
+        f"{args.config}: valid tree of {nodes} node{'s' * (nodes != 1)} "
+        f"and {links} link{'s' * (links != 1)}"
+    )
     return EXIT_OK
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from igmp.params import IGMP_DEFAULTS, MLD_DEFAULTS, QuerierParams
-from mcmw.mapping import MAPPINGS, MAX_BITS
+from mcmw.mapping import MAPPINGS
 
 __all__ = [
     "MAPPINGS",
@@ -37,6 +37,9 @@ TTL_MODES = ("hop", "link")
 DURATION_HINT = "(write 125s, 500ms or 2m)"
 MTU_RANGE = (576, 9000)
 NODE_NAME_MAX = 64
+
+
+WIRE_BITS = 32  # overlay addresses travel as 32-bit fields (docs/protocol.md)
 
 
 class ConfigError(Exception):
@@ -67,6 +70,8 @@ class NodeConfig:
     udp: int | None = None
     igmp: QuerierParams = IGMP_DEFAULTS
     mld: QuerierParams = MLD_DEFAULTS
+    # Administratively scoped prefixes this node never carries across its links.
+    boundaries: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -384,11 +389,12 @@ class _TreeReader:
                 "ttl",
                 "keepalive_interval",
                 "dead_interval",
+                "udp_max_message",
             ),
         )
         defaults = OverlayConfig()
         bits = (
-            self.integer(keys["address_bits"], 1, MAX_BITS)
+            self.integer(keys["address_bits"], 1, WIRE_BITS)
             if "address_bits" in keys
             else defaults.address_bits
         )
@@ -414,6 +420,11 @@ class _TreeReader:
                 f"keepalive_interval ({_show_seconds(keepalive)}) must be shorter than "
                 f"dead_interval ({_show_seconds(dead)}), or every quiet link dies",
             )
+        udp_max = (
+            self.integer(keys["udp_max_message"], 512, 65507)
+            if "udp_max_message" in keys
+            else defaults.udp_max_message
+        )
         return OverlayConfig(
             address_bits=bits,
             mapping=mapping,
@@ -421,6 +432,7 @@ class _TreeReader:
             ttl=ttl,
             keepalive_interval=keepalive,
             dead_interval=dead,
+            udp_max_message=udp_max,
         )
 
     def secret_file(self, at: _At) -> Path:
@@ -461,13 +473,30 @@ class _TreeReader:
         return nodes, entries
 
     def node(self, name: str, at: _At) -> NodeConfig:
-        keys = self.mapping(at, ("listen", "tap"), ("udp", "igmp", "mld"))
+        keys = self.mapping(at, ("listen", "tap"), ("udp", "igmp", "mld", "boundaries"))
         listen = self.host_port(keys["listen"])
         udp = self.integer(keys["udp"], 1, 65535) if "udp" in keys else None
         tap = self.tap(keys["tap"])
         igmp = self.querier(keys["igmp"], "igmp", IGMP_DEFAULTS) if "igmp" in keys else IGMP_DEFAULTS
         mld = self.querier(keys["mld"], "mld", MLD_DEFAULTS) if "mld" in keys else MLD_DEFAULTS
-        return NodeConfig(name=name, listen=listen, tap=tap, udp=udp, igmp=igmp, mld=mld)
+        boundaries = self.boundaries(keys["boundaries"]) if "boundaries" in keys else ()
+        return NodeConfig(
+            name=name, listen=listen, tap=tap, udp=udp, igmp=igmp, mld=mld, boundaries=boundaries
+        )
+
+    def boundaries(self, at: _At) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        result = []
+        for item in self.items(at, "multicast prefixes"):
+            text = self.text(item)
+            try:
+                network = ipaddress.ip_network(text)
+            except ValueError:
+                example = "write 239.192.0.0/14 or ff05::/16"
+                raise self.fail(item, f"'{text}' is not a prefix ({example})") from None
+            if not network.is_multicast:
+                raise self.fail(item, f"'{text}' is not a multicast prefix")
+            result.append(network)
+        return tuple(result)
 
     def host_port(self, at: _At) -> tuple[str, int]:
         if isinstance(at.node, yaml.SequenceNode):
@@ -495,7 +524,7 @@ class _TreeReader:
         return str(address), int(port_text)
 
     def tap(self, at: _At) -> TapConfig:
-        keys = self.mapping(at, ("name", "address"), ("mtu", "ipv6_scopes"))
+        keys = self.mapping(at, ("name", "address"), ("mtu", "ipv6_scopes", "bridge"))
         name = self.ifname(keys["name"])
         address = self.tap_address(keys["address"])
         defaults = TapConfig(name, address)
@@ -506,7 +535,8 @@ class _TreeReader:
                 f"MTU {mtu} is below IPv6's minimum of 1280; MLD and IPv6 groups will not work",
             )
         scopes = self.scopes(keys["ipv6_scopes"]) if "ipv6_scopes" in keys else defaults.ipv6_scopes
-        return TapConfig(name=name, address=address, mtu=mtu, ipv6_scopes=scopes)
+        bridge = self.ifname(keys["bridge"]) if "bridge" in keys else None
+        return TapConfig(name=name, address=address, mtu=mtu, ipv6_scopes=scopes, bridge=bridge)
 
     def ifname(self, at: _At) -> str:
         # Linux dev_valid_name(): 1 to IFNAMSIZ-1 bytes, not . or .., no '/', ':' or space.

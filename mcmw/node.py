@@ -7,6 +7,7 @@ each link's `tx` buffer, for the caller to move after each batch.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import struct
 from collections import Counter
@@ -434,6 +435,9 @@ class Node:
             peer = link.peer
             assert peer is not None
             for route in msg.routes:
+                if not self.carries(route.group):
+                    self.counters["ignored_boundary"] += 1
+                    continue
                 want = Filter(route.mode, frozenset(route.sources)) if isinstance(msg, AddRoute) else None
                 self._apply(self.interest.set_requested(peer, route.group, want), now)
                 self._rebuild(self._route(route.group))
@@ -443,6 +447,16 @@ class Node:
             self._forget(link, now)
         elif isinstance(msg, IpData):  # pragma: no cover - handled on the fast path
             pass
+
+    def carries(self, group: bytes) -> bool:
+        """Whether this node carries `group` across its links: never a link-local group,
+        nor one inside a configured boundary."""
+        if not carried(group):
+            return False
+        if self.config.boundaries:
+            address = ipaddress.ip_address(group)
+            return not any(address in prefix for prefix in self.config.boundaries)
+        return True
 
     def _link_up(self, link: PeerLink, now: float) -> None:
         peer = link.peer
@@ -467,7 +481,7 @@ class Node:
         for action in actions:
             if isinstance(action, SendQuery):
                 self.tap_out.append(frame_for_ip(action.packet, self.mac))
-            elif isinstance(action, MembershipChange) and carried(action.group):
+            elif isinstance(action, MembershipChange) and self.carries(action.group):
                 want = Filter(action.mode, frozenset(action.sources))
                 if want.empty:
                     want = None

@@ -360,6 +360,8 @@ def run_node(config: str, name: str, socket_path: str, verbose: bool) -> int:
         stream=sys.stderr,
     )
     tree = load_tree(config)
+    for warning in tree.warnings:
+        log.warning("%s", warning)
     if name not in tree.nodes:
         raise ConfigError(f"{config}: nodes: no node named {name!r} (have {', '.join(tree.nodes)})")
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True)

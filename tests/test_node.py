@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -355,3 +357,12 @@ def test_a_slow_link_drops_data_but_never_control(tmp_path: Path) -> None:
     link.send(codec.encode(codec.KeepAlive(1, 0, 0)))
     out = link.take_output()
     assert isinstance(codec.decode(out[: codec.check_header(out, 0)[1]]), codec.KeepAlive)
+
+
+def test_boundaries_keep_scoped_groups_inside_the_site(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    b = net.nodes["b"]
+    b.config = replace(b.config, boundaries=(ipaddress.ip_network("239.192.0.0/14"),))
+    net.frames("c", join("239.192.1.1", host="169.254.1.3"), join("239.1.1.1", host="169.254.1.3"))
+    assert [g["group"] for g in net.nodes["a"].status(net.now)["groups"]] == ["239.1.1.1"]
+    assert b.counters["ignored_boundary"] == 1
