@@ -8,6 +8,7 @@ caller can show what was readable and still exit 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import struct
 import sys
@@ -300,6 +301,21 @@ def ethernet_frame(frame: Frame) -> bytes | None:
     return dst + src + struct.pack("!H", link.ethertype) + packet
 
 
+def relink(ethernet: bytes, linktype: int) -> bytes:
+    """An Ethernet frame as another link type would have captured it (for tools and tests):
+    Linux cooked v1/v2 keep the source MAC and say "sent by us"; raw IP keeps the packet."""
+    ethertype, packet, src = struct.unpack_from("!H", ethernet, 12)[0], ethernet[14:], ethernet[6:12]
+    if linktype == ETHERNET:
+        return ethernet
+    if linktype == LINUX_SLL:
+        return SLL_HEADER.pack(PACKET_OUTGOING, ARPHRD_ETHER, 6, src, ethertype) + packet
+    if linktype == LINUX_SLL2:
+        return SLL2_HEADER.pack(ethertype, 0, 1, ARPHRD_ETHER, PACKET_OUTGOING, 6, src) + packet
+    if linktype == RAW_IP:
+        return packet
+    raise ValueError(f"cannot write {linktype_name(linktype)}")
+
+
 # -- writing -----------------------------------------------------------------------
 
 
@@ -317,6 +333,58 @@ def write_pcap(path: str, frames: Iterable[tuple[int, bytes]], linktype: int = E
             out.write(data)
             count += 1
     return count
+
+
+class TcpFlow:
+    """A made-up TCP connection to show a byte stream in a capture: a handshake, then
+    segments of at most MSS bytes with the right sequence and acknowledgement numbers.
+    dpkt builds the headers and their checksums."""
+
+    MSS = 1400
+
+    def __init__(
+        self,
+        client: tuple[str, int],
+        server: tuple[str, int],
+        macs: tuple[bytes, bytes],
+        isn: tuple[int, int],
+    ) -> None:
+        self.ends = (client, server)
+        self.macs = macs
+        self.next_seq = [isn[0], isn[1]]  # client's, server's
+
+    def handshake(self) -> list[bytes]:
+        syn, ack = dpkt.tcp.TH_SYN, dpkt.tcp.TH_ACK
+        frames = [self._segment(0, syn, b""), self._segment(1, syn | ack, b"")]
+        self.next_seq = [(s + 1) & 0xFFFFFFFF for s in self.next_seq]  # SYN counts as one
+        frames.append(self._segment(0, ack, b""))
+        return frames
+
+    def send(self, from_client: bool, data: bytes) -> list[bytes]:
+        side = 0 if from_client else 1
+        frames = []
+        for start in range(0, len(data), self.MSS):
+            chunk = data[start : start + self.MSS]
+            frames.append(self._segment(side, dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, chunk))
+            self.next_seq[side] = (self.next_seq[side] + len(chunk)) & 0xFFFFFFFF
+        return frames
+
+    def _segment(self, side: int, flags: int, payload: bytes) -> bytes:
+        (src, sport), (dst, dport) = self.ends[side], self.ends[1 - side]
+        ack = self.next_seq[1 - side] if flags & dpkt.tcp.TH_ACK else 0
+        tcp = dpkt.tcp.TCP(
+            sport=sport, dport=dport, seq=self.next_seq[side], ack=ack, flags=flags, win=65535, data=payload
+        )
+        a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        ip: dpkt.Packet
+        if a.version == 4:
+            ip = dpkt.ip.IP(src=a.packed, dst=b.packed, p=6, ttl=64, data=tcp)
+            ethertype = ETHERTYPE_IPV4
+        else:
+            ip = dpkt.ip6.IP6(src=a.packed, dst=b.packed, nxt=6, hlim=64, data=tcp, plen=len(tcp))
+            ethertype = ETHERTYPE_IPV6
+        eth = dpkt.ethernet.Ethernet(src=self.macs[side], dst=self.macs[1 - side], type=ethertype, data=ip)
+        return bytes(eth)
 
 
 # -- progress ----------------------------------------------------------------------

@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True)
     p.add_argument("--out", metavar="OUT.pcap")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--live", action="store_true", help="send the frames into the running node's TAP")
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="with --live: X times the capture's pace (0: no pauses)",
+    )
 
     p = sub.add_parser("map", help="the overlay address a group maps to")
     p.add_argument("group")

@@ -210,6 +210,16 @@ class Stream:
     buf: bytearray = field(default_factory=bytearray)
 
 
+@dataclass
+class Segment:
+    """The peer messages one TCP segment or UDP datagram completes."""
+
+    messages: list[bytes]
+    pending: int = 0  # bytes of a message that a later segment completes
+    error: str | None = None  # the stream does not frame as COPS from here on
+    note: str | None = None  # "retransmission": bytes already seen
+
+
 class CopsStreams:
     """Reassembles peer messages over TCP, so a message cut across segments is reported in
     the segment that completes it. A stream is recognised by a segment that starts with a
@@ -218,7 +228,7 @@ class CopsStreams:
     def __init__(self) -> None:
         self.streams: dict[FlowKey, Stream] = {}
 
-    def tcp(self, key: FlowKey, seq: int, syn: bool, payload: bytes) -> dict[str, Any] | None:
+    def tcp(self, key: FlowKey, seq: int, syn: bool, payload: bytes) -> Segment | None:
         if syn:
             self.streams.pop(key, None)  # a new connection
         if not payload:
@@ -228,39 +238,54 @@ class CopsStreams:
         if stream is not None and seq == stream.next_seq:
             stream.buf += payload
         elif stream is not None and (stream.next_seq - end) % SEQ_MOD < SEQ_MOD // 2:
-            return {"type": "retransmission", "messages": []}  # bytes already seen
+            return Segment([], note="retransmission")
         elif starts_cops(payload):
             stream = self.streams[key] = Stream(end, bytearray(payload))
         else:
             self.streams.pop(key, None)  # lost track (a gap): wait for a message start
             return None
         stream.next_seq = end
-        result = messages_result(stream.buf)
-        if result.get("malformed"):
+        messages, used, error = split_messages(stream.buf)
+        del stream.buf[:used]
+        if error is not None:
             del self.streams[key]
-        return result
+        return Segment(messages, len(stream.buf), error)
 
     @staticmethod
-    def udp(payload: bytes) -> dict[str, Any] | None:
-        return messages_result(bytearray(payload), datagram=True) if starts_cops(payload) else None
+    def udp(payload: bytes) -> Segment | None:
+        if not starts_cops(payload):
+            return None
+        messages, used, error = split_messages(payload)
+        if error is None and used < len(payload):
+            error = f"{len(payload) - used} bytes after the last whole message"
+        return Segment(messages, 0, error)
+
+    def segment(self, packet: bytes, family: int) -> tuple[Any, FlowKey | None, Segment | None]:
+        """dpkt's reading of an IP packet, and the peer messages it completes if any."""
+        ip: Any = dpkt.ip.IP(packet) if family == 4 else dpkt.ip6.IP6(packet)
+        l4 = ip.data
+        if isinstance(l4, dpkt.tcp.TCP):
+            key = (bytes(ip.src), l4.sport, bytes(ip.dst), l4.dport)
+            return ip, key, self.tcp(key, l4.seq, bool(l4.flags & dpkt.tcp.TH_SYN), bytes(l4.data))
+        if isinstance(l4, dpkt.udp.UDP):
+            return ip, None, self.udp(bytes(l4.data))
+        return ip, None, None
 
 
-def messages_result(buf: bytearray, datagram: bool = False) -> dict[str, Any]:
-    """Describe and consume the whole messages in `buf`; what is left waits for more bytes."""
-    raw, used, error = split_messages(buf)
-    del buf[:used]
-    messages = [describe_message(m) for m in raw]
-    out: dict[str, Any] = {"messages": messages, "version": codec.COPS_VERSION}
-    out["type"] = messages[0]["type"] if messages else "continuation"
-    group = next((m.get("group") or (m.get("routes") or [{}])[0].get("group") for m in messages), None)
-    out["group"] = group
-    if error is None and datagram and buf:
-        error = f"{len(buf)} bytes after the last whole message"
-    elif buf:
-        out["pending"] = len(buf)  # the start of a message completed by a later segment
+def segment_fields(seg: Segment) -> dict[str, Any]:
+    """The decode keys of a segment of peer messages."""
+    messages = [describe_message(m) for m in seg.messages]
+    out: dict[str, Any] = {"protocol": "cops", "version": codec.COPS_VERSION, "messages": messages}
+    out["type"] = messages[0]["type"] if messages else seg.note or "continuation"
+    first = messages[0] if messages else {}
+    routes = first.get("routes") or [{}]
+    out["group"] = first.get("group") or routes[0].get("group")
+    out["sources"] = routes[0].get("sources", [])
+    if seg.pending:
+        out["pending"] = seg.pending
     bad = next((m for m in messages if m.get("malformed")), None)
-    if error is not None:
-        out.update(malformed=True, reason="bad_message", detail=error)
+    if seg.error is not None:
+        out.update(malformed=True, reason="bad_message", detail=seg.error)
     elif bad is not None:
         out.update(malformed=True, reason="bad_message", detail=f"{bad['type']}: {bad['detail']}")
     return out
@@ -309,12 +334,11 @@ class Decoder:
     def other_ip(self, packet: bytes, family: int) -> dict[str, Any]:
         """Data, peer messages, or anything else IP, as dpkt reads it."""
         try:
-            ip: Any = dpkt.ip.IP(packet) if family == 4 else dpkt.ip6.IP6(packet)
+            ip, _, seg = self.cops.segment(packet, family)
         except (dpkt.Error, IndexError, ValueError, KeyError) as exc:
             detail = f"IPv{family}: {exc or type(exc).__name__}"
             return {"version": family, "malformed": True, "reason": "truncated", "detail": detail}
         src, dst = ip_endpoints(packet) or (b"", b"")
-        proto = ip.p
         out: dict[str, Any] = {
             "version": family,
             "src": text(src),
@@ -322,18 +346,12 @@ class Decoder:
             "ttl": ip.ttl if family == 4 else ip.hlim,
         }
         l4 = ip.data
-        peer: dict[str, Any] | None = None
         if isinstance(l4, dpkt.tcp.TCP | dpkt.udp.UDP):
             out.update(sport=l4.sport, dport=l4.dport)
-        if isinstance(l4, dpkt.tcp.TCP):
-            key = (src, l4.sport, dst, l4.dport)
-            peer = self.cops.tcp(key, l4.seq, bool(l4.flags & dpkt.tcp.TH_SYN), bytes(l4.data))
-        elif isinstance(l4, dpkt.udp.UDP):
-            peer = self.cops.udp(bytes(l4.data))
-        if peer is not None:
-            out.update(peer, protocol="cops")
+        if seg is not None:
+            out.update(segment_fields(seg))
             return out
-        out["type"] = L4_NAMES.get(proto, f"ip protocol {proto}")
+        out["type"] = L4_NAMES.get(ip.p, f"ip protocol {ip.p}")
         if is_multicast(dst):
             out.update(protocol="data", group=text(dst), carried=carried(dst))
             problem = data_problem(packet, family)

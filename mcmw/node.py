@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import struct
 from collections import Counter
 from typing import Any
 
@@ -42,7 +41,6 @@ NH_HOP_BY_HOP = 0
 NH_ICMPV6 = 58
 MLD_TYPES = frozenset((130, 131, 132, 143))
 LINK_LOCAL_V4 = b"\xe0\x00\x00"
-TTL_CSUM = struct.Struct("!BBH")  # TTL, protocol, header checksum at offset 8 of IPv4
 
 
 def is_mld(frame: bytes) -> bool:
@@ -62,15 +60,11 @@ def carried(group: bytes) -> bool:
     return group[1] & 0x0F > 2
 
 
-def decrement_ttl(packet: bytearray) -> None:
-    """TTL - 1 with the header checksum updated incrementally (RFC 1624, eqn. 3)."""
-    ttl, proto, csum = TTL_CSUM.unpack_from(packet, 8)
-    old = (ttl << 8) | proto
-    new = old - 0x100
-    total = (~csum & 0xFFFF) + (~old & 0xFFFF) + new
-    total = (total & 0xFFFF) + (total >> 16)
-    total = (total & 0xFFFF) + (total >> 16)
-    TTL_CSUM.pack_into(packet, 8, ttl - 1, proto, ~total & 0xFFFF)
+def checksum_after_ttl_decrement(checksum: int) -> int:
+    """The IPv4 header checksum once TTL drops by one (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'),
+    where ~m + m' is the constant 0xFEFF since only the TTL byte of m goes down by one)."""
+    x = (~checksum & 0xFFFF) + 0xFEFF
+    return ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF
 
 
 class Node:
@@ -102,7 +96,10 @@ class Node:
         self.routes: dict[bytes, GroupRoute] = {}
         self.tap_out: list[bytes] = []
         self.tap_rx = self.tap_tx = 0
-        self.counters: Counter[str] = Counter(forwarded=0, delivered=0, dropped_ttl=0, dropped_malformed=0)
+        # Per-packet counts are plain attributes (cheap on the data path); the rest,
+        # rarer events by reason, are in `counters`.
+        self.delivered = self.forwarded = 0
+        self.counters: Counter[str] = Counter(dropped_ttl=0, dropped_malformed=0)
         self.last_errors: dict[str, str] = {}  # peer -> why its link last closed
         self.keys = load_keys(overlay.secret_file) if overlay.secret_file else None
         self.udp_peers: dict[tuple[str, int], PeerLink] = {}  # (address, port) -> up link
@@ -206,12 +203,10 @@ class Node:
                 if frame[23] == PROTO_IGMP:
                     self._membership(self.igmp.handle(frame[14:], now), now)
                     continue
-                group = frame[30:34]
-                if frame[30] & 0xF0 != 0xE0 or group[:3] == LINK_LOCAL_V4:
-                    continue
-                route = routes.get(group)
+                # Only carried groups have routes: no need to test for link-local ones.
+                route = routes.get(frame[30:34])
                 if route is not None:
-                    self._forward_v4(route, frame, None)
+                    self._forward_v4(route, frame, 14, None)
             elif ethertype == ETH_IPV6:
                 if len(frame) < 54:
                     self.counters["dropped_malformed"] += 1
@@ -219,114 +214,134 @@ class Node:
                 if is_mld(frame):
                     self._membership(self.mld.handle(frame[14:], now), now)
                     continue
-                group = frame[38:54]
-                if frame[38] != 0xFF or frame[39] & 0x0F <= 2:
-                    continue
-                route = routes.get(group)
+                route = routes.get(frame[38:54])
                 if route is not None:
-                    self._forward_v6(route, frame, None)
+                    self._forward_v6(route, frame, 14, None)
 
     # -- the data path -------------------------------------------------------------
 
-    def _forward_v4(self, route: GroupRoute, frame: bytes, ingress: PeerLink | None) -> None:
-        """Carry an IPv4 packet (in `frame` at offset 14, or a bare packet when from a peer)."""
-        base = 14 if ingress is None else 0
-        ihl = (frame[base] & 0x0F) * 4
-        total = (frame[base + 2] << 8) | frame[base + 3]
-        if frame[base] >> 4 != 4 or ihl < 20 or total < ihl or base + total > len(frame):
+    def _forward_v4(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
+        """Carry the IPv4 packet at `base` in `buf` (14 in a TAP frame, 0 from a peer)."""
+        vihl = buf[base]
+        total = (buf[base + 2] << 8) | buf[base + 3]
+        if vihl >> 4 != 4 or vihl & 0x0F < 5 or total < (vihl & 0x0F) * 4 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        source = frame[base + 12 : base + 16]
-        if ingress is not None and route.local is not None and route.local.admits(source):
-            self.tap_out.append(route.eth_header + frame)
-            self.counters["delivered"] += 1
-        outputs = [link for link in route.links_any if link is not ingress]
-        for link, want in route.links_some:
-            if link is not ingress and want.admits(source):
-                outputs.append(link)
+        source = buf[base + 12 : base + 16]
+        if ingress is not None:
+            local = route.local
+            if local is not None and (route.local_any or local.admits(source)):
+                self.tap_out.append(route.eth_header + buf)
+                self.delivered += 1
+            outputs = [link for link in route.links_any if link is not ingress]
+        else:
+            outputs = route.links_any
+        if route.links_some:
+            outputs = outputs + [
+                link for link, want in route.links_some if link is not ingress and want.admits(source)
+            ]
         if not outputs:
             return
-        packet = bytearray(frame[base : base + total])
         if self.hop_ttl:
-            if packet[8] <= 1:
+            ttl = buf[base + 8]
+            if ttl <= 1:
                 self.counters["dropped_ttl"] += 1
                 return
-            decrement_ttl(packet)
-        self._send_data(route, packet, outputs)
+            checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
+            packet = bytearray(buf[base : base + total])
+            packet[8] = ttl - 1
+            packet[10] = checksum >> 8
+            packet[11] = checksum & 0xFF
+            self._send_data(route, packet, total, outputs)
+        else:
+            self._send_data(route, buf[base : base + total], total, outputs)
 
-    def _forward_v6(self, route: GroupRoute, frame: bytes, ingress: PeerLink | None) -> None:
-        base = 14 if ingress is None else 0
-        total = 40 + ((frame[base + 4] << 8) | frame[base + 5])
-        if frame[base] >> 4 != 6 or base + total > len(frame):
+    def _forward_v6(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
+        """Carry the IPv6 packet at `base` in `buf`."""
+        total = 40 + ((buf[base + 4] << 8) | buf[base + 5])
+        if buf[base] >> 4 != 6 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        source = frame[base + 8 : base + 24]
-        if ingress is not None and route.local is not None and route.local.admits(source):
-            self.tap_out.append(route.eth_header + frame)
-            self.counters["delivered"] += 1
+        source = buf[base + 8 : base + 24]
+        if ingress is not None:
+            local = route.local
+            if local is not None and (route.local_any or local.admits(source)):
+                self.tap_out.append(route.eth_header + buf)
+                self.delivered += 1
         outputs = [link for link in route.links_any if link is not ingress]
-        for link, want in route.links_some:
-            if link is not ingress and want.admits(source):
-                outputs.append(link)
+        outputs += [link for link, want in route.links_some if link is not ingress and want.admits(source)]
         if not outputs:
             return
-        packet = bytearray(frame[base : base + total])
+        packet = bytearray(buf[base : base + total])
         if self.hop_ttl:
             if packet[7] <= 1:
                 self.counters["dropped_ttl"] += 1
                 return
             packet[7] -= 1
-        self._send_data(route, packet, outputs)
+        self._send_data(route, packet, total, outputs)
 
-    def _send_data(self, route: GroupRoute, packet: bytearray, outputs: list[PeerLink]) -> None:
-        size = len(packet)
-        body = bytes(packet) + bytes(-size % 4)
-        address = route.overlay_address
-        counters = self.counters
+    def _send_data(
+        self, route: GroupRoute, packet: bytes | bytearray, size: int, outputs: list[PeerLink]
+    ) -> None:
+        """Queue one IP-Data message per output link."""
+        if size & 3:
+            packet = packet + bytes(4 - (size & 3))
+        pack, address = codec.IP_DATA_HEAD.pack, route.overlay_address
+        head_fixed = codec.VERSION_FLAGS, codec.OP_IP_DATA, codec.CLIENT_TYPE
+        total, objlen = codec.IP_DATA_HEAD_LEN + len(packet), codec.OBJECT_HEADER_LEN + 8 + size
+        sent = 0
         for link in outputs:
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
-            message = codec.ip_data_header(address, seq, size) + body
-            if link.udp_port and len(message) <= self.udp_limit:
+            message = pack(*head_fixed, total, objlen, codec.CNUM_CLIENT_SI, 1, address, seq) + packet
+            if link.udp_port and total <= self.udp_limit:
                 if len(link.datagrams) >= link.DATAGRAM_LIMIT:
                     link.dropped_queue += 1
-                    counters["dropped_queue"] += 1
                     continue
                 link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
             else:
                 if link.data_bytes > link.DATA_LIMIT:
                     link.dropped_queue += 1
-                    counters["dropped_queue"] += 1
                     continue
                 link.data.append(message)
-                link.data_bytes += len(message)
+                link.data_bytes += total
             link.tx_packets += 1
-            counters["forwarded"] += 1
+            sent += 1
+        self.forwarded += sent
+        if sent < len(outputs):
+            self.counters["dropped_queue"] += len(outputs) - sent
 
     # -- from a peer ---------------------------------------------------------------
 
     def link_data(self, link: PeerLink, data: bytes, now: float) -> None:
         """Bytes received on a peer's stream: frame them and act on each message."""
-        buf = link.rx
-        buf += data
+        # Whole messages usually arrive whole: frame `data` itself, and keep only a tail.
+        buf: bytes | bytearray = link.rx + data if link.rx else data
         link.last_rx = now
         link.rx_bytes += len(data)
         offset, end = 0, len(buf)
+        unpack_header = codec.COMMON_HEADER.unpack_from
         try:
             while end - offset >= codec.HEADER_LEN:
-                opcode, length = codec.check_header(buf, offset)
+                flags, opcode, client_type, length = unpack_header(buf, offset)
+                if (
+                    flags != codec.VERSION_FLAGS
+                    or client_type != codec.CLIENT_TYPE
+                    or not codec.HEADER_LEN <= length <= codec.MAX_MESSAGE_LEN
+                    or length & 3
+                ):
+                    codec.check_header(buf, offset)  # raises, naming what is wrong
                 if end - offset < length:
                     break
-                wire_length = length
                 if link.auth is None:
-                    message, start = buf, offset
+                    message, start, size = buf, offset, length
                 else:
-                    message, start = self._unseal(link, bytes(buf[offset : offset + length]), now), 0
-                    length = len(message)
+                    message = self._unseal(link, bytes(buf[offset : offset + length]), now)
+                    start, size = 0, len(message)
                 if opcode == codec.OP_IP_DATA and link.state == UP:
-                    self._ip_data(link, message, start, length)
+                    self._ip_data(link, message, start, size)
                 else:
-                    self._control(link, codec.decode(message[start : start + length]), now)
-                offset += wire_length
+                    self._control(link, codec.decode(message[start : start + size]), now)
+                offset += length
                 if link.state == CLOSED:
                     break
         except codec.CodecError as exc:
@@ -338,9 +353,9 @@ class Node:
             log.warning("bad message from %s: %s", link.peer or "peer", exc)
             link.close(codec.CLOSE_BAD_MESSAGE, str(exc), now)
             self._forget(link, now)
-            buf.clear()
+            link.rx = bytearray()
             return
-        del buf[:offset]
+        link.rx = bytearray(buf[offset:]) if offset < end else bytearray()
 
     def _unseal(self, link: PeerLink, message: bytes, now: float) -> bytes:
         """`message` verified and without its Integrity object; IntegrityError otherwise."""
@@ -388,29 +403,22 @@ class Node:
             link.count_seq(seq)
         else:
             link.rx_next = seq + 1
-        self._from_peer(link, bytes(buf[offset + 20 : offset + 8 + objlen]))
-
-    def _from_peer(self, link: PeerLink, packet: bytes) -> None:
-        version = packet[0] >> 4
-        if version == 4:
-            group = packet[16:20]
-            valid = packet[16] & 0xF0 == 0xE0 and group[:3] != LINK_LOCAL_V4
-        elif version == 6 and len(packet) >= 40:
-            group = packet[24:40]
-            valid = packet[24] == 0xFF and packet[25] & 0x0F > 2
+        packet = bytes(buf[offset + 20 : offset + 8 + objlen])
+        # Only carried groups have routes, so a route found means a valid group.
+        if packet[0] >> 4 == 4:
+            route = self.routes.get(packet[16:20])
+            if route is not None:
+                self._forward_v4(route, packet, 0, link)
+                return
+        elif len(packet) >= 40 and packet[0] >> 4 == 6:
+            route = self.routes.get(packet[24:40])
+            if route is not None:
+                self._forward_v6(route, packet, 0, link)
+                return
         else:
-            valid = False
-        if not valid:
             self.counters["dropped_malformed"] += 1
             return
-        route = self.routes.get(group)
-        if route is None:
-            self.counters["unwanted"] += 1
-            return
-        if version == 4:
-            self._forward_v4(route, packet, link)
-        else:
-            self._forward_v6(route, packet, link)
+        self.counters["unwanted"] += 1
 
     def _control(self, link: PeerLink, msg: codec.Message, now: float) -> None:
         if isinstance(msg, Open):
@@ -486,9 +494,7 @@ class Node:
                 if want.empty:
                     want = None
                 self._apply(self.interest.set_local(action.group, want), now)
-                route = self._route(action.group)
-                route.local = want
-                self._rebuild(route)
+                self._rebuild(self._route(action.group))
                 self._prune()
 
     def _apply(self, updates: list[Update], now: float) -> None:
@@ -536,6 +542,7 @@ class Node:
             else:
                 route.links_some.append((link, want))
         route.local = self.interest.local.get(route.group)
+        route.local_any = route.local is not None and route.local.any_source
 
     def _prune(self) -> None:
         for group in [g for g, r in self.routes.items() if r.idle]:

@@ -22,6 +22,7 @@ class GroupRoute:
     links_any: list[PeerLink] = field(default_factory=list)
     links_some: list[tuple[PeerLink, Filter]] = field(default_factory=list)
     local: Filter | None = None
+    local_any: bool = False  # the segment wants every source: no per-packet source test
 
     @property
     def idle(self) -> bool:

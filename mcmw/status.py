@@ -84,7 +84,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
         },
         "groups": groups,
         "peers": peers,
-        "counters": dict(node.counters),
+        "counters": {"forwarded": node.forwarded, "delivered": node.delivered, **node.counters},
         "queriers": queriers,
         "membership_drops": {
             "igmp": dict(node.igmp.drops),

@@ -23,6 +23,7 @@ class Sites:
     ns: dict[str, str] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+    veths: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # link -> devices
     doc: dict[str, Any] = field(
         default_factory=lambda: {
             "overlay": {"address_bits": 24, "mapping": "modulo"},
@@ -44,7 +45,9 @@ class Sites:
     def add_link(self, dialer: str, acceptor: str) -> None:
         """A veth between the two sites and the tree link; the acceptor listens on it."""
         index = len(self.doc["links"]) + 1
-        self.lab.veth(self.ns[dialer], f"198.18.{index}.1/24", self.ns[acceptor], f"198.18.{index}.2/24")
+        self.veths[(dialer, acceptor)] = self.lab.veth(
+            self.ns[dialer], f"198.18.{index}.1/24", self.ns[acceptor], f"198.18.{index}.2/24"
+        )
         self.doc["nodes"][acceptor]["listen"] = f"198.18.{index}.2:7000"
         self.doc["links"].append([dialer, acceptor])
 
@@ -116,6 +119,63 @@ class Sites:
         ]
         return self.lab.popen(self.ns[node], args, text=True)
 
+    def source_receiver(
+        self,
+        node: str,
+        group: str,
+        idle: float,
+        count: int = 0,
+        include: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
+        port: int = 5004,
+    ) -> subprocess.Popen[str]:
+        """tests/apps/mc_recv_src.py in `node`'s site: per-source sequence numbers; stops on
+        `count`, after `idle` seconds without data, or on SIGTERM (see `report`)."""
+        args = [sys.executable, str(APPS / "mc_recv_src.py"), group, str(port), str(idle)]
+        if count:
+            args += ["--count", str(count)]
+        if include:
+            args += ["--include", *include]
+        if exclude:
+            args += ["--exclude", *exclude]
+        proc = self.lab.popen(self.ns[node], args, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "joined":
+            proc.wait(timeout=5)
+            error = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"receiver in {node} did not join: {line!r} {error}")
+        return proc
+
+    def peer(self, node: str, name: str) -> dict[str, Any]:
+        """`node`'s status entry for its neighbour `name`."""
+        return next(p for p in self.status(node)["peers"] if p["name"] == name)
+
+    def tap_address(self, node: str) -> str:
+        return str(self.doc["nodes"][node]["tap"]["address"]).split("/")[0]
+
+    def route_state(self, node: str) -> dict[str, Any]:
+        """What a fresh start must reproduce: per group the local filter and the neighbours
+        that asked for it, and which links are up."""
+        status = self.status(node)
+        groups = {
+            g["group"]: (
+                None if not g["local"] else (g["local"]["mode"], tuple(g["local"]["sources"])),
+                tuple(g["peers"]),
+            )
+            for g in status["groups"]
+        }
+        return {"groups": groups, "peers": {p["name"]: p["state"] for p in status["peers"]}}
+
+
+def report(proc: subprocess.Popen[str], timeout: float = 60, stop: bool = False) -> dict[str, Any]:
+    """The JSON report of a `Sites.source_receiver`; with `stop`, SIGTERM it first."""
+    if stop and proc.poll() is None:
+        proc.terminate()
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
 
 def received(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
     out, err = proc.communicate(timeout=timeout)
@@ -141,3 +201,89 @@ def make_sites(
     for name in names:
         sites.start(name)
     return sites
+
+
+# -- an analytic model of a tree: what a fresh start must converge to -------------------
+
+
+@dataclass(frozen=True)
+class Want:
+    """A receiver application in `node`'s site: `group` in `mode` with `sources`."""
+
+    node: str
+    group: str
+    mode: str = "exclude"
+    sources: tuple[str, ...] = ()
+
+    def admits(self, source: str) -> bool:
+        return (source in self.sources) == (self.mode == "include")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """`count` packets of `group` sent in `node`'s site, from its TAP address `source`."""
+
+    node: str
+    source: str
+    group: str
+    count: int
+
+
+def behind(links: list[list[str]], node: str, peer: str) -> set[str]:
+    """The sites reached through `node`'s neighbour `peer` (its side of the tree)."""
+    seen, todo = {node, peer}, [peer]
+    while todo:
+        here = todo.pop()
+        for a, b in links:
+            for x, y in ((a, b), (b, a)):
+                if x == here and y not in seen:
+                    seen.add(y)
+                    todo.append(y)
+    return seen - {node}
+
+
+def expected_groups(
+    links: list[list[str]], node: str, wants: list[Want]
+) -> dict[str, tuple[tuple[str, tuple[str, ...]] | None, tuple[str, ...]]]:
+    """`node`'s route state for the wanted groups (the shape of `Sites.route_state`):
+    the local filter, and every neighbour with a receiver of the group behind it."""
+    neighbours = sorted({y for a, b in links for x, y in ((a, b), (b, a)) if x == node})
+    result: dict[str, tuple[tuple[str, tuple[str, ...]] | None, tuple[str, ...]]] = {}
+    for group in sorted({w.group for w in wants}):
+        local = [w for w in wants if w.group == group and w.node == node]
+        assert len(local) <= 1, "the model keeps one receiver per site and group"
+        peers = tuple(
+            peer
+            for peer in neighbours
+            if any(w.group == group and w.node in behind(links, node, peer) for w in wants)
+        )
+        if local or peers:
+            result[group] = ((local[0].mode, tuple(sorted(local[0].sources))) if local else None, peers)
+    return result
+
+
+def expected_link_packets(
+    links: list[list[str]], wants: list[Want], streams: list[Stream]
+) -> dict[tuple[str, str], int]:
+    """IP-Data messages each directed link (sender, receiver) carries for `streams`: a
+    packet crosses a link only towards a receiver that admits its source."""
+    counts: dict[tuple[str, str], int] = {}
+    for a, b in links:
+        for u, v in ((a, b), (b, a)):
+            far = behind(links, u, v)
+            counts[(u, v)] = sum(
+                s.count
+                for s in streams
+                if s.node not in far
+                and any(w.group == s.group and w.node in far and w.admits(s.source) for w in wants)
+            )
+    return counts
+
+
+def expected_delivered(wants: list[Want], streams: list[Stream]) -> dict[str, int]:
+    """Packets each site's node writes into its TAP for `streams`."""
+    delivered: dict[str, int] = {}
+    for s in streams:
+        for node in {w.node for w in wants if w.group == s.group and w.admits(s.source)} - {s.node}:
+            delivered[node] = delivered.get(node, 0) + s.count
+    return delivered

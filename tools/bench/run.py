@@ -83,9 +83,19 @@ def bench_mode(mode: str, bins: dict[str, Path], args: argparse.Namespace) -> di
         result["path"] = path.describe
         result["namespaces"] = [path.ns_send, path.ns_recv]
         # A slow warm-up trial proves the path works before the search relies on it.
-        warm = run_trial(lab, bins, path, 1000, 0.5)
-        if warm["unique"] == 0:
-            raise LabError(f"{mode}: nothing arrives at 1000 pps (drops: {warm['drops']})")
+        # One retry: a path that has only just come up may still be settling.
+        for attempt in range(2):
+            warm = run_trial(lab, bins, path, 1000, 0.5)
+            if warm["unique"]:
+                break
+            if attempt:
+                counters = (warm.get("path_counters") or {}).get("after")
+                raise LabError(
+                    f"{mode}: nothing arrives at 1000 pps (drops: {warm['drops']}"
+                    + (f"; path counters: {json.dumps(counters)}" if counters else "")
+                    + ")"
+                )
+            time.sleep(2)
         print(f"  {mode}: {path.describe}")
         result["search"] = search(
             lab,
