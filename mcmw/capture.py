@@ -375,16 +375,28 @@ class TcpFlow:
         tcp = dpkt.tcp.TCP(
             sport=sport, dport=dport, seq=self.next_seq[side], ack=ack, flags=flags, win=65535, data=payload
         )
-        a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-        ip: dpkt.Packet
-        if a.version == 4:
-            ip = dpkt.ip.IP(src=a.packed, dst=b.packed, p=6, ttl=64, data=tcp)
-            ethertype = ETHERTYPE_IPV4
-        else:
-            ip = dpkt.ip6.IP6(src=a.packed, dst=b.packed, nxt=6, hlim=64, data=tcp, plen=len(tcp))
-            ethertype = ETHERTYPE_IPV6
-        eth = dpkt.ethernet.Ethernet(src=self.macs[side], dst=self.macs[1 - side], type=ethertype, data=ip)
-        return bytes(eth)
+        return ip_frame(src, dst, tcp, (self.macs[side], self.macs[1 - side]))
+
+
+def udp_frame(src: tuple[str, int], dst: tuple[str, int], macs: tuple[bytes, bytes], payload: bytes) -> bytes:
+    """One made-up UDP datagram from `src` to `dst` (address, port), in Ethernet."""
+    udp = dpkt.udp.UDP(sport=src[1], dport=dst[1], data=payload)
+    udp.ulen = len(udp)
+    return ip_frame(src[0], dst[0], udp, macs)
+
+
+def ip_frame(src: str, dst: str, l4: dpkt.Packet, macs: tuple[bytes, bytes]) -> bytes:
+    """TCP or UDP in IPv4 or IPv6 in Ethernet; dpkt fills in lengths and checksums."""
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    proto = 6 if isinstance(l4, dpkt.tcp.TCP) else 17
+    ip: dpkt.Packet
+    if a.version == 4:
+        ip = dpkt.ip.IP(src=a.packed, dst=b.packed, p=proto, ttl=64, data=l4)
+        ethertype = ETHERTYPE_IPV4
+    else:
+        ip = dpkt.ip6.IP6(src=a.packed, dst=b.packed, nxt=proto, hlim=64, data=l4, plen=len(l4))
+        ethertype = ETHERTYPE_IPV6
+    return bytes(dpkt.ethernet.Ethernet(src=macs[0], dst=macs[1], type=ethertype, data=ip))
 
 
 # -- progress ----------------------------------------------------------------------

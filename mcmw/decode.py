@@ -24,6 +24,8 @@ from igmp.messages import Message
 from mcmw.capture import CaptureError, CaptureReader, Frame, Progress, link_layer
 from mcmw.node import MLD_TYPES, NH_HOP_BY_HOP, NH_ICMPV6, PROTO_IGMP, carried
 from overlay import codec
+from overlay.auth import IntegrityError
+from overlay.auth import _split as split_integrity  # the one parser of Integrity objects
 from tap.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
 
 ETHERTYPE_NAMES = {0x0806: "arp", 0x88CC: "lldp", 0x8035: "rarp", 0x8100: "vlan"}
@@ -139,6 +141,9 @@ def describe_message(data: bytes) -> dict[str, Any]:
     """One whole COPS message (its header already checked) as a dict, by the overlay codec."""
     name = codec.MESSAGE_NAMES.get(data[1], f"op-code {data[1]}")
     out: dict[str, Any] = {"type": name, "length": len(data)}
+    data, integrity = strip_integrity(data)
+    if integrity is not None:
+        out["integrity"] = integrity
     try:
         msg = codec.decode(data)
     except codec.CodecError as exc:
@@ -174,6 +179,16 @@ def describe_message(data: bytes) -> dict[str, Any]:
     elif isinstance(msg, codec.Close):
         out.update(code=msg.code, text=msg.reason)
     return out
+
+
+def strip_integrity(message: bytes) -> tuple[bytes, dict[str, int] | None]:
+    """A message without its Integrity object (not verified: decode has no keys), and the
+    object's key id and sequence number; the message as is when it has none."""
+    try:
+        inner, key_id, seq, _ = split_integrity(message)
+    except IntegrityError:
+        return message, None
+    return inner, {"key_id": key_id, "seq": seq}
 
 
 def split_messages(buf: bytes | bytearray) -> tuple[list[bytes], int, str | None]:

@@ -18,7 +18,7 @@ from mcmw.config import TreeConfig
 from mcmw.mapping import make_mapper
 from mcmw.routes import GroupRoute
 from overlay import codec
-from overlay.auth import IntegrityError, load_keys
+from overlay.auth import INTEGRITY_LEN, IntegrityError, load_keys
 from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route
 from overlay.interest import Filter, Interest, Update
 from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
@@ -180,6 +180,7 @@ class Node:
         self._membership(self.mld.expire(now), now)
         for link in [*self.links.values(), *self.pending]:
             link.tick(now)
+            link.reassembly.expire(now)
             if link.state == CLOSED:
                 self._forget(link, now)
 
@@ -293,11 +294,14 @@ class Node:
         for link in outputs:
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
             message = pack(*head_fixed, total, objlen, codec.CNUM_CLIENT_SI, 1, address, seq) + packet
-            if link.udp_port and total <= self.udp_limit:
+            if link.udp_port:
                 if len(link.datagrams) >= link.DATAGRAM_LIMIT:
                     link.dropped_queue += 1
                     continue
-                link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
+                if total > self.udp_limit:
+                    self._send_fragments(link, address, packet, size)
+                else:
+                    link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
             else:
                 if link.data_bytes > link.DATA_LIMIT:
                     link.dropped_queue += 1
@@ -309,6 +313,18 @@ class Node:
         self.forwarded += sent
         if sent < len(outputs):
             self.counters["dropped_queue"] += len(outputs) - sent
+
+    def _send_fragments(self, link: PeerLink, address: int, packet: bytes | bytearray, size: int) -> None:
+        """A packet too big for one datagram, in IP-Data fragments that each fit."""
+        overhead = 32 + (INTEGRITY_LEN if link.auth else 0)  # IP-Data head, fragment object
+        step = (self.udp_limit - overhead) & ~7
+        link.fragment_id = packet_id = (link.fragment_id + 1) & 0xFFFFFFFF
+        for offset in range(0, size, step):
+            if offset:
+                link.seq = (link.seq + 1) & 0xFFFFFFFF
+            chunk = bytes(packet[offset : min(offset + step, size)])
+            message = codec.encode_fragment(address, link.seq, packet_id, offset, size, chunk)
+            link.datagrams.append(link.auth.seal_datagram(message, link.seq) if link.auth else message)
 
     # -- from a peer ---------------------------------------------------------------
 
@@ -338,7 +354,7 @@ class Node:
                     message = self._unseal(link, bytes(buf[offset : offset + length]), now)
                     start, size = 0, len(message)
                 if opcode == codec.OP_IP_DATA and link.state == UP:
-                    self._ip_data(link, message, start, size)
+                    self._ip_data(link, message, start, size, now)
                 else:
                     self._control(link, codec.decode(message[start : start + size]), now)
                 offset += length
@@ -381,29 +397,40 @@ class Node:
             if link.auth is not None:
                 data = link.auth.unseal_datagram(data)
             link.last_rx = now
-            self._ip_data(link, data, 0, len(data))
+            self._ip_data(link, data, 0, len(data), now)
         except IntegrityError:
             link.dropped_auth += 1
             self.counters["dropped_auth"] += 1
         except codec.CodecError:
             self.counters["dropped_malformed"] += 1
 
-    def _ip_data(self, link: PeerLink, buf: bytes | bytearray, offset: int, length: int) -> None:
+    def _ip_data(
+        self, link: PeerLink, buf: bytes | bytearray, offset: int, length: int, now: float
+    ) -> None:
         """An IP-Data message from an up link, at `offset` in `buf`: the data fast path."""
         _, _, _, _, objlen, cnum, ctype, _, seq = codec.IP_DATA_HEAD.unpack_from(buf, offset)
+        if seq != link.rx_next:
+            link.count_seq(seq)
+        else:
+            link.rx_next = seq + 1
         if (
             cnum != codec.CNUM_CLIENT_SI
             or ctype != 1
             or not codec.IP_DATA_MIN_OBJECT <= objlen <= length - 8
             or ((objlen + 3) & ~3) != length - 8
         ):
-            raise codec.CodecError("ip-data object does not fit its message")
-        link.rx_packets += 1
-        if seq != link.rx_next:
-            link.count_seq(seq)
+            # Not a whole packet: a fragment, or else a malformed message.
+            message = codec.decode(bytes(buf[offset : offset + length]))
+            assert isinstance(message, codec.IpData)
+            if message.fragment is None:
+                raise codec.CodecError("ip-data object does not fit its message")
+            whole = link.reassembly.add(*message.fragment, message.packet, now)
+            if whole is None:
+                return
+            packet = whole
         else:
-            link.rx_next = seq + 1
-        packet = bytes(buf[offset + 20 : offset + 8 + objlen])
+            packet = bytes(buf[offset + 20 : offset + 8 + objlen])
+        link.rx_packets += 1
         # Only carried groups have routes, so a route found means a valid group.
         if packet[0] >> 4 == 4:
             route = self.routes.get(packet[16:20])

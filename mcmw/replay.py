@@ -1,15 +1,16 @@
 """`mcmw replay`: a capture's frames through a node's real core, on the capture's clock.
 
-The Node is the one `mcmw run` drives (mcmw/runtime.py); here its TAP is the capture
-and each neighbour is a fake peer in memory that completes the Open handshake and
-answers keep-alives, so links stay up and every byte the node would send is seen.
-Time is virtual and follows the capture: the timers due between two frames run at their
-deadlines (Node.next_deadline), so an hour of capture replays as fast as its frames can
-be processed, and the same capture always gives the same output.
+The Node is the one `mcmw run` drives (mcmw/runtime.py); here its TAP is the capture.
+Each neighbour is that neighbour's own Node core with an empty segment, wired to it in
+memory (as tests/test_node.py does), so the Open handshake, authentication and
+keep-alives run as they would and every byte the node sends is seen. Time is virtual
+and follows the capture: the timers due between two frames run at their deadlines
+(Node.next_deadline), so an hour of capture replays as fast as its frames can be
+processed, and the same capture always gives the same output.
 
 Peer messages found in the capture (a capture of the overlay side, merged in) are fed
-to the node as coming from the neighbour that sent them, when the tree says who that
-is: routes a neighbour asked for, and packets it carried to this node.
+to the node as coming from the neighbour that sent them, when the tree tells who that
+is: the routes a neighbour asked for, and the packets it carried to this node.
 
 `--live` instead sends the frames into a running node's TAP at the capture's pace.
 """
@@ -25,6 +26,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from mcmw.capture import (
@@ -36,6 +38,7 @@ from mcmw.capture import (
     TcpFlow,
     ethernet_frame,
     link_layer,
+    udp_frame,
     write_pcap,
 )
 from mcmw.cli import UsageError
@@ -48,6 +51,7 @@ from mcmw.decode import (
     is_multicast,
     membership,
     split_messages,
+    strip_integrity,
     text,
 )
 from mcmw.node import Node
@@ -75,69 +79,11 @@ class Tally:
         entry[1] += len(packet)
 
     def report(self) -> list[dict[str, Any]]:
+        ordered = sorted(self.counts.items(), key=lambda kv: (len(kv[0][0]), kv[0]))
         return [
             {"group": text(group), "source": text(source), "packets": n, "bytes": size}
-            for (group, source), (n, size) in sorted(
-                self.counts.items(), key=lambda kv: (len(kv[0][0]), kv[0])
-            )
+            for (group, source), (n, size) in ordered
         ]
-
-
-class Neighbour:
-    """A fake peer: completes the handshake, answers keep-alives, and keeps what the node
-    sent it (message counts, the routes it asked for, the packets it carried)."""
-
-    def __init__(self, name: str, dials: bool, link: PeerLink, flow: TcpFlow) -> None:
-        self.name = name
-        self.dials = dials  # the node dials this neighbour (the node is the TCP client)
-        self.link = link
-        self.flow = flow
-        self.messages: Counter[str] = Counter()
-        self.wants: dict[bytes, codec.Route] = {}  # what the node last asked this neighbour for
-        self.changes: list[dict[str, Any]] = []
-        self.data = Tally()
-        self.fed: Counter[str] = Counter()  # messages from the capture, given to the node as ours
-        self.unread = bytearray()
-
-    def heard(self, data: bytes, now: float) -> list[bytes]:
-        """Take what the node sent; return the replies (keep-alive echoes)."""
-        self.unread += data
-        raw, used, _ = split_messages(self.unread)
-        del self.unread[:used]
-        replies: list[bytes] = []
-        for message in raw:
-            name = codec.MESSAGE_NAMES[message[1]]
-            self.messages[name] += 1
-            msg = codec.decode(message)
-            if isinstance(msg, codec.KeepAlive):
-                echo = codec.KeepAlive(int(now * NS), msg.timestamp_ns, 0)
-                replies.append(codec.encode(echo))
-            elif isinstance(msg, codec.AddRoute | codec.RemoveRoute):
-                for route in msg.routes:
-                    if isinstance(msg, codec.AddRoute):
-                        self.wants[route.group] = route
-                    else:
-                        self.wants.pop(route.group, None)
-                    self.changes.append(
-                        {"time": round(now - ORIGIN, 9), "message": name, **route_fields(route)}
-                    )
-            elif isinstance(msg, codec.IpData):
-                self.data.add(msg.packet)
-        return replies
-
-    def report(self, status: dict[str, Any]) -> dict[str, Any]:
-        peer = next((p for p in status["peers"] if p["name"] == self.name), {})
-        routes = sorted(self.wants.values(), key=lambda r: (len(r.group), r.group))
-        return {
-            "name": self.name,
-            "state": peer.get("state"),
-            "role": "dial" if self.dials else "accept",
-            "messages": dict(sorted(self.messages.items())),
-            "routes": [route_fields(r) for r in routes],
-            "route_changes": self.changes,
-            "data": self.data.report(),
-            "from_capture": dict(sorted(self.fed.items())),
-        }
 
 
 def route_fields(route: codec.Route) -> dict[str, Any]:
@@ -147,6 +93,83 @@ def route_fields(route: codec.Route) -> dict[str, Any]:
         "mode": route.mode,
         "sources": [text(s) for s in route.sources],
     }
+
+
+def deterministic(link: PeerLink, seed: str) -> None:
+    """Give an authenticated link a nonce derived from `seed` instead of a random one, so
+    that session keys, and so the replay's output, are the same on every run."""
+    auth = link.auth
+    if auth is None:
+        return
+    auth.nonce = hashlib.sha256(b"mcmw-replay:" + seed.encode()).digest()[:16]
+    link.local_open = replace(link.local_open, nonce=auth.nonce)
+    link.sealed = bytearray(auth.seal_open(codec.encode(link.local_open)))
+
+
+class Wire:
+    """The link between the replayed node and one neighbour: both ends, the neighbour's
+    core, the made-up TCP/UDP flows that show it in `--out`, and what the node sent."""
+
+    def __init__(self, tree: TreeConfig, node: Node, name: str, dials: bool, index: int, now: float) -> None:
+        self.name = name
+        self.dials = dials  # the node dials this neighbour (the node is the TCP client)
+        self.peer = Node(tree, name, now)  # never started: its segment is empty
+        me = tree.nodes[node.name].listen[0]
+        there = tree.nodes[name].listen[0]
+        self.link = node.new_link(name if dials else None, now, address=there)
+        self.peer_link = self.peer.new_link(None if dials else node.name, now, address=me)
+        deterministic(self.link, f"{node.name}>{name}")
+        deterministic(self.peer_link, f"{name}>{node.name}")
+        self.flow = flow_for(tree, node.name, name, dials, index)
+        self.udp_ends = ((me, tree.nodes[node.name].udp or 0), (there, tree.nodes[name].udp or 0))
+        self.macs = (router_mac(node.name), router_mac(name))
+        self.messages: Counter[str] = Counter()
+        self.wants: dict[bytes, codec.Route] = {}  # what the node last asked this neighbour for
+        self.changes: list[dict[str, Any]] = []
+        self.data = Tally()
+        self.fed: Counter[str] = Counter()  # messages from the capture, given to the node
+        self.unread = bytearray()
+
+    def heard(self, data: bytes, now: float) -> None:
+        """Note what the node sent on the stream (authenticated messages are read without
+        their Integrity object; the neighbour's core checks it)."""
+        self.unread += data
+        raw, used, _ = split_messages(self.unread)
+        del self.unread[:used]
+        for message in raw:
+            self.note(message, now)
+
+    def note(self, message: bytes, now: float) -> None:
+        name = codec.MESSAGE_NAMES[message[1]]
+        self.messages[name] += 1
+        try:
+            msg = codec.decode(strip_integrity(message)[0])
+        except codec.CodecError:
+            return
+        if isinstance(msg, codec.AddRoute | codec.RemoveRoute):
+            for route in msg.routes:
+                if isinstance(msg, codec.AddRoute):
+                    self.wants[route.group] = route
+                else:
+                    self.wants.pop(route.group, None)
+                self.changes.append({"time": round(now - ORIGIN, 9), "message": name, **route_fields(route)})
+        elif isinstance(msg, codec.IpData):
+            self.data.add(msg.packet)
+
+    def report(self, status: dict[str, Any]) -> dict[str, Any]:
+        peer = next((p for p in status["peers"] if p["name"] == self.name), {})
+        routes = sorted(self.wants.values(), key=lambda r: (len(r.group), r.group))
+        return {
+            "name": self.name,
+            "state": peer.get("state"),
+            "role": "dial" if self.dials else "accept",
+            "transport": peer.get("transport"),
+            "messages": dict(sorted(self.messages.items())),
+            "routes": [route_fields(r) for r in routes],
+            "route_changes": self.changes,
+            "data": self.data.report(),
+            "from_capture": dict(sorted(self.fed.items())),
+        }
 
 
 def flow_for(tree: TreeConfig, node: str, peer: str, dials: bool, index: int) -> TcpFlow:
@@ -164,7 +187,7 @@ def flow_for(tree: TreeConfig, node: str, peer: str, dials: bool, index: int) ->
 
 
 class Replay:
-    """One node, its fake neighbours and a virtual clock, fed frame by frame."""
+    """One node, its neighbours' cores and a virtual clock, fed frame by frame."""
 
     def __init__(self, tree: TreeConfig, name: str, start_ns: int, record: bool) -> None:
         self.tree = tree
@@ -178,31 +201,18 @@ class Replay:
         self.tap_data = Tally()
         self.tap_frames = 0
         self.streams = CopsStreams()
-        self.opened: dict[FlowKey, str] = {}  # capture's peer streams -> the node that sent Open
+        self.opened: dict[FlowKey, str] = {}  # the capture's peer streams -> who sent Open
         self.listeners = {
             (ipaddress.ip_address(n.listen[0]).packed, n.listen[1]): k for k, n in tree.nodes.items()
         }
         node = self.node = Node(tree, name, self.now)
         node.start(self.now)
-        self.neighbours: dict[str, Neighbour] = {}
+        self.wires: dict[str, Wire] = {}
         for index, (peer, dials) in enumerate(node.neighbours.items()):
-            link = node.new_link(peer if dials else None, self.now)
-            flow = flow_for(tree, name, peer, dials, index)
-            self.neighbours[peer] = Neighbour(peer, dials, link, flow)
+            wire = self.wires[peer] = Wire(tree, node, peer, dials, index, self.now)
             if self.out is not None:
-                self.out.extend((start_ns, f) for f in flow.handshake())
-            other = tree.nodes[peer]
-            hello = codec.Open(
-                node=peer,
-                address_bits=tree.overlay.address_bits,
-                mapping=tree.overlay.mapping,
-                ttl_mode=tree.overlay.ttl,
-                udp_port=other.udp or 0,
-                dead_interval=max(1, round(tree.overlay.dead_interval)),
-            )
-            self.collect()  # the node's own Open goes first, as a dialer's would
-            self.to_node(self.neighbours[peer], codec.encode(hello))
-        self.collect()
+                self.out.extend((start_ns, f) for f in wire.flow.handshake())
+        self.pump()
 
     # -- time -----------------------------------------------------------------------
 
@@ -212,16 +222,22 @@ class Replay:
     def stamp(self) -> int:
         return self.start_ns + round((self.now - ORIGIN) * NS)
 
+    def cores(self) -> list[Node]:
+        return [self.node, *(w.peer for w in self.wires.values())]
+
+    def next_deadline(self) -> float | None:
+        return min((d for d in (n.next_deadline() for n in self.cores()) if d is not None), default=None)
+
     def advance(self, until: float) -> None:
         """Run every timer due up to `until`, each at its own deadline."""
-        node = self.node
-        while (due := node.next_deadline()) is not None and due <= until:
+        while (due := self.next_deadline()) is not None and due <= until:
             t = max(self.now, due)
             for attempt in range(8):
                 self.now = t
-                node.expire(t)
-                self.collect()
-                after = node.next_deadline()
+                for core in self.cores():
+                    core.expire(t)
+                self.pump()
+                after = self.next_deadline()
                 if after is None or after > t:
                     break
                 # Float rounding left a timer just short of due at its own deadline.
@@ -240,7 +256,7 @@ class Replay:
             self.frames["too_short"] += 1
             return
         if link.src in self.own_macs:
-            self.frames["mcmw_output"] += 1  # a node's own writes seen on its TAP
+            self.frames["mcmw_output"] += 1  # a node's own writes, seen on its TAP
             return
         if link.ethertype in (ETHERTYPE_IPV4, ETHERTYPE_IPV6) and self.peer_messages(link.payload):
             self.frames["peer_messages"] += 1
@@ -251,36 +267,42 @@ class Replay:
             return
         self.frames["replayed"] += 1
         self.node.tap_frames([ethernet], self.now)
-        self.collect()
+        self.pump()
 
     def peer_messages(self, packet: bytes) -> bool:
         """Feed the peer messages of a captured overlay segment; False if it is not one."""
-        family = packet[0] >> 4 if packet else 0
         ends = ip_endpoints(packet)
-        if ends is None or is_multicast(ends[1]) or is_membership(packet, family):
+        if ends is None or is_multicast(ends[1]) or is_membership(packet, packet[0] >> 4):
             return False  # peer messages travel unicast
         try:
-            _, key, seg = self.streams.segment(packet, family)
-        except Exception:  # noqa: BLE001 - anything dpkt cannot read is simply not ours
+            _, key, seg = self.streams.segment(packet, packet[0] >> 4)
+        except Exception:  # noqa: BLE001 - what dpkt cannot read is not a peer message
             return False
         if seg is None:
             return False
         sender, receiver = self.who(key, seg.messages) if key is not None else (None, None)
+        wire = self.wires.get(sender or "")
         for message in seg.messages:
-            neighbour = self.neighbours.get(sender or "")
-            if receiver == self.name and neighbour is not None and message[1] in FED_FROM_CAPTURE:
-                neighbour.fed[codec.MESSAGE_NAMES[message[1]]] += 1
-                self.to_node(neighbour, message)
+            if receiver != self.name or wire is None or message[1] not in FED_FROM_CAPTURE:
+                continue
+            if wire.link.auth is not None:
+                wire.fed["not fed: authenticated"] += 1  # sealed with another session's key
+                continue
+            wire.fed[codec.MESSAGE_NAMES[message[1]]] += 1
+            self.record_stream(wire, from_node=False, data=message)
+            if wire.link.state != CLOSED:
+                self.node.link_data(wire.link, message, self.now)
+        self.pump()
         return True
 
     def who(self, key: FlowKey, messages: list[bytes]) -> tuple[str | None, str | None]:
         """Which nodes a captured peer stream runs between: by the Open it carried, else by
-        the tree's listen addresses (the accepting end's address and port, the dialing
-        end's address when only one node has it)."""
+        the tree's listen addresses (the accepting end's address and port; the dialing
+        end's address when only one neighbour has it)."""
         for message in messages:
             if message[1] == codec.OP_OPEN:
                 try:
-                    opened = codec.decode(message)
+                    opened = codec.decode(strip_integrity(message)[0])
                 except codec.CodecError:
                     continue
                 assert isinstance(opened, codec.Open)
@@ -289,12 +311,12 @@ class Replay:
         sender = self.opened.get(key) or self.listeners.get((src, sport))
         receiver = self.opened.get((dst, dport, src, sport)) or self.listeners.get((dst, dport))
         if sender is None and receiver is not None:
-            sender = self.dialer(receiver, src)
+            sender = self.neighbour_at(receiver, src)
         if receiver is None and sender is not None:
-            receiver = self.dialer(sender, dst)
+            receiver = self.neighbour_at(sender, dst)
         return sender, receiver
 
-    def dialer(self, node: str, address: bytes) -> str | None:
+    def neighbour_at(self, node: str, address: bytes) -> str | None:
         names = [
             peer
             for peer, _ in self.tree.neighbours(node)
@@ -302,21 +324,11 @@ class Replay:
         ]
         return names[0] if len(names) == 1 else None
 
-    def to_node(self, neighbour: Neighbour, data: bytes) -> None:
-        self.record(neighbour, from_node=False, data=data)
-        if neighbour.link.state != CLOSED:
-            self.node.link_data(neighbour.link, data, self.now)
+    # -- moving bytes ------------------------------------------------------------------
 
-    # -- output -----------------------------------------------------------------------
-
-    def record(self, neighbour: Neighbour, from_node: bool, data: bytes) -> None:
-        if self.out is not None:
-            stamp = self.stamp()
-            from_client = from_node == neighbour.dials
-            self.out.extend((stamp, f) for f in neighbour.flow.send(from_client, data))
-
-    def collect(self) -> None:
-        """Take everything the node queued, answering the neighbours' part, until quiet."""
+    def pump(self) -> None:
+        """Move what the cores queued between the node and its neighbours until nothing is
+        in flight; note what the node wrote into its TAP."""
         node = self.node
         busy = True
         while busy:
@@ -325,16 +337,38 @@ class Replay:
                 self.wrote(frame)
             node.tap_tx += len(node.tap_out)
             node.tap_out.clear()
-            for neighbour in self.neighbours.values():
-                tx = neighbour.link.tx
-                if not tx:
-                    continue
-                data = bytes(tx)
-                tx.clear()
-                self.record(neighbour, from_node=True, data=data)
-                for reply in neighbour.heard(data, self.now):
-                    self.to_node(neighbour, reply)
-                    busy = True
+            for wire in self.wires.values():
+                wire.peer.tap_out.clear()  # the neighbour's own (empty) segment
+                for source, from_node in ((wire.link, True), (wire.peer_link, False)):
+                    target, core = (wire.peer_link, wire.peer) if from_node else (wire.link, node)
+                    if source.has_output:
+                        data = source.take_output()
+                        self.record_stream(wire, from_node, data)
+                        if from_node:
+                            wire.heard(data, self.now)
+                        if target.state != CLOSED:
+                            core.link_data(target, data, self.now)
+                        busy = True
+                    for datagram in source.datagrams:
+                        self.record_datagram(wire, from_node, datagram)
+                        if from_node:
+                            wire.note(datagram, self.now)
+                        if target.state != CLOSED:
+                            core.link_datagram(target, datagram, self.now)
+                        busy = True
+                    source.datagrams.clear()
+
+    def record_stream(self, wire: Wire, from_node: bool, data: bytes) -> None:
+        if self.out is not None:
+            stamp = self.stamp()
+            self.out.extend((stamp, f) for f in wire.flow.send(from_node == wire.dials, data))
+
+    def record_datagram(self, wire: Wire, from_node: bool, data: bytes) -> None:
+        if self.out is not None:
+            ends, macs = wire.udp_ends, wire.macs
+            if not from_node:
+                ends, macs = (ends[1], ends[0]), (macs[1], macs[0])
+            self.out.append((self.stamp(), udp_frame(ends[0], ends[1], macs, data)))
 
     def wrote(self, frame: bytes) -> None:
         """A frame the node wrote into its TAP: a query of its own, or a packet delivered."""
@@ -343,15 +377,10 @@ class Replay:
             self.out.append((self.stamp(), frame))
         packet = frame[14:]
         family = 4 if frame[12:14] == b"\x08\x00" else 6
-        if len(packet) >= 40 and is_membership(packet, family):
+        if ip_endpoints(packet) is not None and is_membership(packet, family):
             query = membership(packet, family)
-            self.queries.append(
-                {
-                    "time": round(self.now - ORIGIN, 9),
-                    **{k: query.get(k) for k in ("protocol", "version", "group", "sources", "max_resp_s")},
-                    "s_flag": query.get("s_flag"),
-                }
-            )
+            fields = ("protocol", "version", "group", "sources", "max_resp_s", "s_flag")
+            self.queries.append({"time": round(self.now - ORIGIN, 9), **{k: query.get(k) for k in fields}})
         else:
             self.tap_data.add(packet)
 
@@ -365,7 +394,7 @@ class Replay:
             "frames": dict(self.frames),
             "groups": status["groups"],
             "queriers": status["queriers"],
-            "neighbours": [n.report(status) for n in self.neighbours.values()],
+            "neighbours": [w.report(status) for w in self.wires.values()],
             "tap": {"frames": self.tap_frames, "queries": len(self.queries), "data": self.tap_data.report()},
             "queries": self.queries,
             "counters": status["counters"],

@@ -65,6 +65,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
                 rx_reordered=link.rx_reordered,
                 dropped_queue=link.dropped_queue,
                 dropped_auth=link.dropped_auth,
+                **link.reassembly.drops,
                 authenticated=link.auth is not None,
                 up_s=round(now - link.opened_at, 1),
             )

@@ -54,6 +54,7 @@ OPEN_INFO = struct.Struct("!BBBBHH16s")  # ..., udp port, reserved, nonce
 KEEPALIVE_INFO = struct.Struct("!QQQ")
 ROUTE_HEAD = struct.Struct("!IBBH")
 ERROR_BODY = struct.Struct("!HH")
+FRAGMENT_INFO = struct.Struct("!III")  # packet id, offset, total length of the IP packet
 KA_TIMER = struct.Struct("!HH")
 # IP-Data: common header + one ClientSI (overlay address, link sequence, IP packet).
 IP_DATA_HEAD = struct.Struct("!BBHIHBBII")
@@ -109,7 +110,8 @@ class RemoveRoute:
 class IpData:
     overlay_address: int
     seq: int
-    packet: bytes
+    packet: bytes  # the IP packet, or when `fragment` is set, one piece of it
+    fragment: tuple[int, int, int] | None = None  # (packet id, offset, total length)
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,22 @@ def ip_data_header(overlay_address: int, seq: int, packet_len: int) -> bytes:
     )
 
 
+def encode_fragment(address: int, seq: int, packet_id: int, offset: int, total: int, chunk: bytes) -> bytes:
+    """An IP-Data message carrying bytes [offset, offset + len(chunk)) of a `total`-byte
+    packet: the usual ClientSI with the piece, then a second ClientSI saying which piece."""
+    return _message(
+        OP_IP_DATA,
+        [
+            _object(CNUM_CLIENT_SI, struct.pack("!II", address, seq) + chunk),
+            _object(CNUM_CLIENT_SI, FRAGMENT_INFO.pack(packet_id, offset, total)),
+        ],
+    )
+
+
 def encode(msg: Message) -> bytes:
     if isinstance(msg, IpData):
+        if msg.fragment is not None:
+            return encode_fragment(msg.overlay_address, msg.seq, *msg.fragment, msg.packet)
         return (
             ip_data_header(msg.overlay_address, msg.seq, len(msg.packet))
             + msg.packet
@@ -308,6 +324,12 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     objects = _objects(data[HEADER_LEN:])
     name = MESSAGE_NAMES[opcode]
     if opcode == OP_IP_DATA:
+        if len(objects) == 2:
+            content, info = _expect(objects, [CNUM_CLIENT_SI, CNUM_CLIENT_SI], name)
+            if len(content) < 9 or len(info) != FRAGMENT_INFO.size:
+                raise CodecError("ip-data fragment of the wrong size")
+            address, seq = struct.unpack_from("!II", content)
+            return IpData(address, seq, content[8:], FRAGMENT_INFO.unpack(info))
         (content,) = _expect(objects, [CNUM_CLIENT_SI], name)
         if len(content) < IP_DATA_MIN_OBJECT - OBJECT_HEADER_LEN:
             raise CodecError("ip-data too short for an IP packet")

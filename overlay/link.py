@@ -15,6 +15,7 @@ from dataclasses import replace
 from overlay import codec
 from overlay.auth import Authenticator
 from overlay.codec import Close, KeepAlive, Open
+from overlay.reassembly import Reassembler
 
 OPENING, CONFIRMING, UP, CLOSED = "opening", "confirming", "up", "closed"
 
@@ -67,6 +68,8 @@ class PeerLink:
         self.dropped_queue = 0
         self.dropped_auth = 0
         self.peer_key_id = 0  # the pre-shared key the peer's Open was sealed with
+        self.fragment_id = 0
+        self.reassembly = Reassembler()
         encoded = codec.encode(self.local_open)
         self.sealed += self.auth.seal_open(encoded) if self.auth else encoded
 

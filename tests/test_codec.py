@@ -24,6 +24,7 @@ MESSAGES = [
     RemoveRoute((Route(65793, G1),)),
     IpData(65793, 7, PACKET),
     IpData(1, 0xFFFFFFFF, PACKET + b"\x01"),
+    IpData(1, 2, b"\x99" * 13, (7, 1360, 8028)),
     Close(codec.CLOSE_MISMATCH, "mapping hash, expected modulo"),
 ]
 

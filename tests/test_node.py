@@ -293,18 +293,19 @@ def test_udp_channel_carries_data_and_counts_loss(tmp_path: Path) -> None:
     net.frames("a", datagram("239.1.1.1"))
     assert len(net.data_out("c")) == 1
     assert net.nodes["b"].links["a"].rx_lost == 1
-    # Too big for one datagram: it takes the stream instead, whole.
-    net.frames("a", datagram("239.1.1.1", payload=b"y" * 1450))
+    # Too big for one datagram: it crosses in fragments and arrives whole.
+    net.frames("a", datagram("239.1.1.1", payload=b"y" * 8000))
     (big,) = net.data_out("c")
-    assert len(big) == 14 + 20 + 8 + 1450
+    assert len(big) == 14 + 20 + 8 + 8000 and big.endswith(b"y" * 8000)
+    assert all(len(d) <= 1400 for d in a_link.datagrams)
 
 
 def test_authenticated_links_come_up_and_carry_data(tmp_path: Path) -> None:
     net = Net(tmp_path, udp=True, key=KEY)
     assert all(len(n.links) == len(n.neighbours) for n in net.nodes.values())
     net.frames("c", join("239.1.1.1", host="169.254.1.3"))
-    net.frames("a", datagram("239.1.1.1"), datagram("239.1.1.1", payload=b"z" * 1450))
-    assert len(net.data_out("c")) == 2
+    net.frames("a", datagram("239.1.1.1"), datagram("239.1.1.1", payload=b"z" * 8000))
+    assert [len(f) for f in net.data_out("c")] == [142, 8042]
     net.advance(30)
     assert all(link.up for link in net.nodes["b"].links.values())
     assert net.nodes["b"].counters["dropped_auth"] == 0
@@ -368,3 +369,27 @@ def test_boundaries_keep_scoped_groups_inside_the_site(tmp_path: Path) -> None:
     net.frames("c", join("239.192.1.1", host="169.254.1.3"), join("239.1.1.1", host="169.254.1.3"))
     assert [g["group"] for g in net.nodes["a"].status(net.now)["groups"]] == ["239.1.1.1"]
     assert b.counters["ignored_boundary"] == 1
+
+
+def test_fragments_arrive_in_any_order_and_reassembly_is_bounded(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a, b = net.nodes["a"], net.nodes["b"]
+    a.tap_frames([datagram("239.1.1.1", payload=bytes(range(256)) * 20)], net.now)
+    pieces = list(a.links["b"].datagrams)
+    a.links["b"].datagrams.clear()
+    assert len(pieces) == 4
+    for piece in reversed(pieces):
+        b.link_datagram(b.links["a"], piece, net.now)
+    net.pump()
+    (whole,) = net.data_out("c")
+    assert whole[14 + 28 :] == bytes(range(256)) * 20
+    # Pieces whose siblings never come are dropped after the timeout, and counted.
+    for _ in range(100):
+        a.tap_frames([datagram("239.1.1.1", payload=b"w" * 3000)], net.now)
+        b.link_datagram(b.links["a"], a.links["b"].datagrams[0], net.now)
+        a.links["b"].datagrams.clear()
+    reassembly = b.links["a"].reassembly
+    assert len(reassembly.partial) <= 64 and reassembly.drops["fragment_evicted"] == 36
+    net.advance(3)
+    assert reassembly.partial == {} and reassembly.drops["fragment_timeout"] == 64

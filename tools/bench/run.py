@@ -167,6 +167,27 @@ def summary(results: dict[str, dict[str, Any]], cpu_rate: float) -> list[str]:
     return lines
 
 
+def by_rate(results: dict[str, dict[str, Any]], start: float) -> list[str]:
+    """fwd (and path) us/pkt at the search's first rates, from trials that were clean:
+    how the per-packet cost falls as wake-ups carry more packets."""
+    rates = [start * 2**i for i in range(4)]
+    head = f"{'mode':10s}" + "".join(f" {f'{r / 1000:.0f}k pps':>15s}" for r in rates)
+    lines = ["fwd / path us/pkt by rate", head, "-" * len(head)]
+    for mode, r in results.items():
+        if "error" in r:
+            continue
+        cells = []
+        for rate in rates:
+            trial = next((t for t in r["search"]["trials"] if t["ok"] and t["rate_pps"] == rate), None)
+            if trial is None:
+                cells.append(f"{'-':>15s}")
+                continue
+            fwd, path = trial.get("fwd_us_per_pkt"), trial.get("path_us_per_pkt")
+            cells.append(f"{_fmt(fwd, '.1f')} / {_fmt(path, '.1f')}".rjust(15))
+        lines.append(f"{mode:10s} " + " ".join(cells))
+    return lines
+
+
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """mcmw / c-relay for rate and CPU per packet, against the issue's bar."""
     base = results.get("c-relay")
@@ -316,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in summary(results, args.cpu_rate):
         print(line)
+    print()
+    for line in by_rate(results, args.start):
+        print(line)
+    print()
     for mode, r in report["ratios"].items():
         rate, cpu = r["rate_ratio"], r["cpu_ratio"]
         print(
