@@ -228,19 +228,7 @@ class Node:
         if vihl >> 4 != 4 or vihl & 0x0F < 5 or total < (vihl & 0x0F) * 4 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        source = buf[base + 12 : base + 16]
-        if ingress is not None:
-            local = route.local
-            if local is not None and (route.local_any or local.admits(source)):
-                self.tap_out.append(route.eth_header + buf)
-                self.delivered += 1
-            outputs = [link for link in route.links_any if link is not ingress]
-        else:
-            outputs = route.links_any
-        if route.links_some:
-            outputs = outputs + [
-                link for link, want in route.links_some if link is not ingress and want.admits(source)
-            ]
+        outputs = self._outputs(route, buf, buf[base + 12 : base + 16], ingress)
         if not outputs:
             return
         if self.hop_ttl:
@@ -263,14 +251,7 @@ class Node:
         if buf[base] >> 4 != 6 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        source = buf[base + 8 : base + 24]
-        if ingress is not None:
-            local = route.local
-            if local is not None and (route.local_any or local.admits(source)):
-                self.tap_out.append(route.eth_header + buf)
-                self.delivered += 1
-        outputs = [link for link in route.links_any if link is not ingress]
-        outputs += [link for link, want in route.links_some if link is not ingress and want.admits(source)]
+        outputs = self._outputs(route, buf, buf[base + 8 : base + 24], ingress)
         if not outputs:
             return
         packet = bytearray(buf[base : base + total])
@@ -280,6 +261,25 @@ class Node:
                 return
             packet[7] -= 1
         self._send_data(route, packet, total, outputs)
+
+    def _outputs(
+        self, route: GroupRoute, buf: bytes, source: bytes, ingress: PeerLink | None
+    ) -> list[PeerLink]:
+        """Deliver a peer's packet into the segment if it wants `source`; return the links
+        the packet goes on to (never back where it came from)."""
+        if ingress is None:
+            outputs = route.links_any  # from the TAP: no copy, it is only read
+        else:
+            local = route.local
+            if local is not None and (route.local_any or local.admits(source)):
+                self.tap_out.append(route.eth_header + buf)
+                self.delivered += 1
+            outputs = [link for link in route.links_any if link is not ingress]
+        if route.links_some:
+            outputs = outputs + [
+                link for link, want in route.links_some if link is not ingress and want.admits(source)
+            ]
+        return outputs
 
     def _send_data(
         self, route: GroupRoute, packet: bytes | bytearray, size: int, outputs: list[PeerLink]

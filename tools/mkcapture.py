@@ -5,10 +5,11 @@
 
 Each host joins one group (round robin) at a random time in the first fifth of the run,
 announces it the way Linux does (the unsolicited report sent robustness = 2 times, 1 s
-apart), answers the querier every query interval while a member, and, for the share of
-hosts given by --leave, leaves at a random time in the second half (IGMPv1 hosts just go
-quiet). With --sources K each join is source-specific (K sources; IGMPv3/MLDv2 only).
-With --data P a sender on the segment streams P packets/s of UDP to the first group.
+apart) and answers the querier every query interval while a member. The share of hosts
+given by --leave leave at a random time in the second half (IGMPv1 hosts just go quiet);
+the members left answer the querier's group-specific query within a second. With
+--sources K each join is source-specific (K sources; IGMPv3/MLDv2 only). With --data P a
+sender on the segment streams P packets/s of UDP to the first group.
 
 The same arguments and --seed give the same file, byte for byte. The last line printed
 (JSON) says which hosts are members at the end, so that a replay can be checked:
@@ -133,6 +134,12 @@ def timeline(args: argparse.Namespace) -> tuple[list[tuple[float, int, bytes]], 
         if host.leave is not None and not (args.protocol == "igmp" and args.version == 1):
             for n in range(ROBUSTNESS if args.version == (2 if args.protocol == "mld" else 3) else 1):
                 add(host.leave + n * UNSOLICITED_INTERVAL, host, report(args, host, "leave"))
+            # The querier asks the group (or its sources) at once; the members left answer
+            # within its Last Member Query Interval (1 s), or the group would be dropped.
+            for other in everyone:
+                if other is not host and other.group == host.group and other.join < host.leave:
+                    if other.leave is None or other.leave > host.leave:
+                        add(host.leave + rng.uniform(0, 1), other, report(args, other, "current"))
     if args.data > 0 and everyone:
         sender, group = everyone[0], everyone[0].group
         step, at, seq = 1.0 / args.data, 0.0, 0
