@@ -304,9 +304,10 @@ def ethernet_frame(frame: Frame) -> bytes | None:
 def relink(ethernet: bytes, linktype: int) -> bytes:
     """An Ethernet frame as another link type would have captured it (for tools and tests):
     Linux cooked v1/v2 keep the source MAC and say "sent by us"; raw IP keeps the packet."""
-    ethertype, packet, src = struct.unpack_from("!H", ethernet, 12)[0], ethernet[14:], ethernet[6:12]
     if linktype == ETHERNET:
         return ethernet
+    ethertype = struct.unpack_from("!H", ethernet, 12)[0] if len(ethernet) >= 14 else 0
+    packet, src = ethernet[14:], ethernet[6:12].ljust(6, b"\0")
     if linktype == LINUX_SLL:
         return SLL_HEADER.pack(PACKET_OUTGOING, ARPHRD_ETHER, 6, src, ethertype) + packet
     if linktype == LINUX_SLL2:

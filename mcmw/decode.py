@@ -31,6 +31,7 @@ from tap.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
 ETHERTYPE_NAMES = {0x0806: "arp", 0x88CC: "lldp", 0x8035: "rarp", 0x8100: "vlan"}
 L4_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 103: "pim", 132: "sctp"}
 SEQ_MOD = 1 << 32
+DATA_PROTOCOLS = frozenset((6, 17, 33, 132))  # TCP, UDP, DCCP, SCTP
 FlowKey = tuple[bytes, int, bytes, int]  # source address and port, destination address and port
 
 
@@ -85,9 +86,13 @@ def membership(packet: bytes, family: int) -> dict[str, Any]:
         msg = parser.parse(packet)
     except Malformed as err:
         problem, msg = err, err.message
-    if msg is not None:
+    if msg is None and problem is not None:
+        msg = salvage(packet, family)
+        if msg is not None:
+            out.update(message_fields(msg), router_alert=None)  # the option was not looked at
+    elif msg is not None:
         out.update(message_fields(msg))
-    elif (ends := ip_endpoints(packet)) is not None:
+    if msg is None and (ends := ip_endpoints(packet)) is not None:
         out.update(src=text(ends[0]), dst=text(ends[1]))
     if problem is not None:
         out.update(malformed=True, reason=problem.reason, detail=problem.detail)
@@ -95,6 +100,26 @@ def membership(packet: bytes, family: int) -> dict[str, Any]:
         assert msg is not None
         out["drop"] = parser.validate(msg)  # checks beyond syntax; None when a router accepts
     return out
+
+
+def salvage(packet: bytes, family: int) -> Message | None:
+    """What can be read of a message whose IP header the parser refused (a bad header
+    checksum, a length past the captured bytes): the message parsed as far as it goes."""
+    try:
+        if family == 4:
+            ihl = (packet[0] & 0x0F) * 4
+            total = int.from_bytes(packet[2:4], "big")
+            if ihl < 20 or len(packet) < ihl:
+                return None
+            body = bytes(packet[ihl : min(max(total, ihl), len(packet))])
+            return codec_igmp.parse_igmp(body, bytes(packet[12:16]), bytes(packet[16:20]), packet[8], False)
+        # The IPv6 parser walks the extension headers; let it, over the bytes there are.
+        fitted = bytes(packet[:4]) + (len(packet) - 40).to_bytes(2, "big") + bytes(packet[6:])
+        return codec_mld.parse(fitted)
+    except Malformed as err:
+        return err.message if isinstance(err.message, Message) else None
+    except (IndexError, ValueError):
+        return None
 
 
 def message_fields(msg: Message) -> dict[str, Any]:
@@ -367,7 +392,9 @@ class Decoder:
             out.update(segment_fields(seg))
             return out
         out["type"] = L4_NAMES.get(ip.p, f"ip protocol {ip.p}")
-        if is_multicast(dst):
+        # Data: what applications send to groups; routing and neighbour discovery on the
+        # link-local groups are not that.
+        if is_multicast(dst) and (carried(dst) or ip.p in DATA_PROTOCOLS):
             out.update(protocol="data", group=text(dst), carried=carried(dst))
             problem = data_problem(packet, family)
             if problem is not None:

@@ -287,3 +287,101 @@ def expected_delivered(wants: list[Want], streams: list[Stream]) -> dict[str, in
         for node in {w.node for w in wants if w.group == s.group and w.admits(s.source)} - {s.node}:
             delivered[node] = delivered.get(node, 0) + s.count
     return delivered
+
+
+# -- checks against the model ------------------------------------------------------------
+
+Counters = dict[tuple[str, str], int]
+
+
+def wait_route_state(sites: Sites, wants: list[Want], timeout: float = 10) -> None:
+    """Every node's state for the wanted groups equals the model's; assert (with the diff)
+    if it does not within `timeout`."""
+    groups = {w.group for w in wants}
+    links = sites.doc["links"]
+
+    def actual() -> dict[str, object]:
+        return {
+            node: {g: v for g, v in sites.route_state(node)["groups"].items() if g in groups}
+            for node in sites.ns
+        }
+
+    expected = {node: expected_groups(links, node, wants) for node in sites.ns}
+    try:
+        wait_for(lambda: actual() == expected, timeout, "the route state of every node")
+    except TimeoutError:
+        assert actual() == expected, "route state (local filter, peers) differs from the model"
+
+
+def link_counters(sites: Sites) -> tuple[Counters, Counters]:
+    """IP-Data per directed link (u, v): as counted by u (tx) and by v (rx)."""
+    tx: Counters = {}
+    rx: Counters = {}
+    for node in sites.ns:
+        for peer in sites.status(node)["peers"]:
+            tx[(node, peer["name"])] = peer["tx_packets"]
+            rx[(peer["name"], node)] = peer["rx_packets"]
+    return tx, rx
+
+
+def delivered(sites: Sites) -> dict[str, int]:
+    return {node: sites.status(node)["counters"].get("delivered", 0) for node in sites.ns}
+
+
+def receive_count(want: Want, streams: list[Stream]) -> int:
+    return sum(
+        s.count for s in streams if s.group == want.group and want.admits(s.source) and s.node != want.node
+    )
+
+
+def check_streams(sites: Sites, wants: list[Want], streams: list[Stream], rate: float = 1000.0) -> Counters:
+    """Receivers for `wants`, the route state converged, `streams` sent at once: check that
+    every receiver got exactly what its filter admits, once each; that every TAP got what
+    the model says; return the IP-Data each directed link carried meanwhile."""
+    receivers: dict[Want, subprocess.Popen[str]] = {}
+    for want in wants:
+        options = {"include": want.sources} if want.mode == "include" else {"exclude": want.sources}
+        receivers[want] = sites.source_receiver(
+            want.node, want.group, idle=5, count=receive_count(want, streams), **options
+        )
+    wait_route_state(sites, wants)
+    tx_before, rx_before = link_counters(sites)
+    delivered_before = delivered(sites)
+
+    senders = [sites.sender(s.node, s.group, s.count, rate) for s in streams]
+    for sender in senders:
+        assert sender.wait(timeout=30) == 0
+
+    for want, proc in receivers.items():
+        got = report(proc)
+        assert got["corrupt"] == 0
+        expected = {
+            s.source: list(range(s.count))
+            for s in streams
+            if s.group == want.group and want.admits(s.source) and s.node != want.node
+        }
+        by_source = {source: sorted(seqs) for source, seqs in got["by_source"].items()}
+        assert by_source == expected, (
+            f"receiver {want}: every admitted packet exactly once, nothing else "
+            f"(got {{source: count}} = { {s: len(q) for s, q in got['by_source'].items()} })"
+        )
+
+    def carried() -> tuple[Counters, Counters]:
+        tx, rx = link_counters(sites)
+        return (
+            {k: v - tx_before[k] for k, v in tx.items()},
+            {k: v - rx_before[k] for k, v in rx.items()},
+        )
+
+    # Receivers may finish before the last packets reach the counters of a far link.
+    wait_for(lambda: carried()[0] == carried()[1], 5, "every link's rx to match the other end's tx")
+    tx, rx = carried()
+    assert tx == rx, "IP-Data lost on a link"
+    expected_links = expected_link_packets(sites.doc["links"], wants, streams)
+    assert tx == expected_links, "a link carried a group or source nobody behind it wants (or missed one)"
+
+    after = delivered(sites)
+    got_delivered = {node: after[node] - delivered_before[node] for node in sites.ns}
+    want_delivered = {node: expected_delivered(wants, streams).get(node, 0) for node in sites.ns}
+    assert got_delivered == want_delivered, "packets written into each TAP"
+    return tx

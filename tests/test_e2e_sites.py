@@ -115,3 +115,18 @@ def test_sighup_adds_a_leaf_without_disturbing_running_streams(lab: Lab) -> None
     receiver = sites.receiver("b", GROUP, 200, timeout=5, port=5006)
     sites.sender("a", GROUP, 200, rate=500, port=5006, size=8000).wait(timeout=30)
     assert received(receiver)["received"] == list(range(200))
+
+
+def test_sigterm_tells_peers_and_removes_the_tap_and_its_routes(lab: Lab) -> None:
+    sites = make_sites(lab, ["a", "b"], [("a", "b")])
+    sites.wait_peers_up()
+    assert "224.0.0.0/4 dev mcmw0" in lab.exec(sites.ns["b"], ["ip", "route"]).stdout
+    sites.procs["b"].send_signal(signal.SIGTERM)
+    assert sites.procs["b"].wait(timeout=5) == 0
+    peer = wait_for(
+        lambda: (p := sites.status("a")["peers"][0])["state"] == "down" and p, 2, "a to see b leave"
+    )
+    assert peer["last_error"] == "peer closed: node shutting down"  # told, not timed out
+    assert lab.exec(sites.ns["b"], ["ip", "link", "show", "mcmw0"], check=False).returncode != 0
+    assert "mcmw0" not in lab.exec(sites.ns["b"], ["ip", "route"]).stdout
+    assert not (lab.workdir / "b.sock").exists()

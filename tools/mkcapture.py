@@ -63,15 +63,15 @@ class Host:
 
 def hosts(args: argparse.Namespace, rng: random.Random) -> list[Host]:
     v6 = args.protocol == "mld"
+    first = ipaddress.ip_address(args.first_group or ("ff0e::1:1" if v6 else "239.1.1.1"))
     out = []
     for i in range(args.hosts):
+        group = (first + i % args.groups).packed
         if v6:
             address = ipaddress.IPv6Address(f"fe80::100:{i + 1:x}").packed
-            group = ipaddress.IPv6Address(f"ff0e::1:{i % args.groups + 1:x}").packed
             sources = tuple(ipaddress.IPv6Address(f"2001:db8::{s + 1:x}").packed for s in range(args.sources))
         else:
             address = ipaddress.IPv4Address(0xA9FE6400 + i + 1).packed  # 169.254.100.0/24 and on
-            group = ipaddress.IPv4Address(0xEF010101 + i % args.groups).packed  # 239.1.1.1 and on
             sources = tuple(ipaddress.IPv4Address(0xC0000201 + s).packed for s in range(args.sources))
         mac = struct.pack("!HI", 0x0200, 0x64000000 + i + 1)
         join = rng.uniform(0, args.duration * 0.2)
@@ -131,15 +131,23 @@ def timeline(args: argparse.Namespace) -> tuple[list[tuple[float, int, bytes]], 
             if at > host.join:
                 add(at + rng.uniform(0, 10), host, report(args, host, "current"))
             at += args.query_interval
-        if host.leave is not None and not (args.protocol == "igmp" and args.version == 1):
-            for n in range(ROBUSTNESS if args.version == (2 if args.protocol == "mld" else 3) else 1):
-                add(host.leave + n * UNSOLICITED_INTERVAL, host, report(args, host, "leave"))
-            # The querier asks the group (or its sources) at once; the members left answer
-            # within its Last Member Query Interval (1 s), or the group would be dropped.
-            for other in everyone:
-                if other is not host and other.group == host.group and other.join < host.leave:
-                    if other.leave is None or other.leave > host.leave:
-                        add(host.leave + rng.uniform(0, 1), other, report(args, other, "current"))
+        if host.leave is None or (args.protocol == "igmp" and args.version == 1):
+            continue
+        staying = [
+            other
+            for other in everyone
+            if other is not host
+            and other.group == host.group
+            and other.join < host.leave
+            and (other.leave is None or other.leave > host.leave + ROBUSTNESS)
+        ]
+        for n in range(ROBUSTNESS if args.version == (2 if args.protocol == "mld" else 3) else 1):
+            at = host.leave + n * UNSOLICITED_INTERVAL
+            add(at, host, report(args, host, "leave"))
+            # Each leave makes the querier ask the group (or its sources); the members left
+            # answer within its Last Member Query Interval (1 s), or the group is dropped.
+            for other in staying:
+                add(at + rng.uniform(0.01, 0.9), other, report(args, other, "current"))
     if args.data > 0 and everyone:
         sender, group = everyone[0], everyone[0].group
         step, at, seq = 1.0 / args.data, 0.0, 0
@@ -150,13 +158,14 @@ def timeline(args: argparse.Namespace) -> tuple[list[tuple[float, int, bytes]], 
     return events, everyone
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--out", required=True, metavar="FILE.pcap")
     parser.add_argument("--hosts", type=int, default=10)
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--protocol", choices=("igmp", "mld"), default="igmp")
     parser.add_argument("--version", type=int, default=None, help="IGMP 1-3 / MLD 1-2 (default: newest)")
+    parser.add_argument("--first-group", help="groups count up from here (239.1.1.1 / ff0e::1:1)")
     parser.add_argument("--sources", type=int, default=0, help="source-specific joins with K sources")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--query-interval", type=float, default=125.0, help="seconds (default 125)")
@@ -172,25 +181,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--version {args.version}: {args.protocol} has versions 1 to {newest}")
     if args.sources and args.version != newest:
         parser.error("--sources needs IGMPv3 or MLDv2")
+    try:
+        family = ipaddress.ip_address(args.first_group).version if args.first_group else None
+    except ValueError:
+        parser.error(f"--first-group {args.first_group}: not an address")
+    if family is not None and family != (6 if args.protocol == "mld" else 4):
+        parser.error(f"--first-group {args.first_group}: not an {args.protocol} group")
     if args.hosts < 0 or args.groups < 1 or args.duration <= 0:
         parser.error("--hosts must be 0 or more, --groups 1 or more, --duration positive")
+    return args
+
+
+def build(argv: list[str] | None = None) -> dict[str, object]:
+    """Write the capture; return its frame count and the members at the end, by group."""
+    args = parse(argv)
     events, everyone = timeline(args)
     linktype = LINKS[args.link]
     start = round(args.start * NS)
-    count = write_pcap(
-        args.out, ((start + round(t * NS), relink(f, linktype)) for t, _, f in events), linktype
-    )
+    frames = ((start + round(t * NS), relink(f, linktype)) for t, _, f in events)
+    count = write_pcap(args.out, frames, linktype)
     members: dict[str, list[str]] = {}
     for host in everyone:
         if host.leave is None:
-            members.setdefault(str(ipaddress.ip_address(host.group)), []).append(
-                str(ipaddress.ip_address(host.address))
-            )
-    print(
-        f"wrote {count} frames ({args.hosts} hosts, {args.protocol} v{args.version}) to {args.out}",
-        file=sys.stderr,
-    )
-    print(json.dumps({"frames": count, "members_at_end": dict(sorted(members.items()))}))
+            group, address = ipaddress.ip_address(host.group), ipaddress.ip_address(host.address)
+            members.setdefault(str(group), []).append(str(address))
+    return {"frames": count, "members_at_end": dict(sorted(members.items()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = build(argv)
+    print(json.dumps(result))
     return 0
 
 

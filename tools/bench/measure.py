@@ -301,8 +301,21 @@ def search(
     else:
         # A sender-bound run offers less than its target: report what was offered.
         good = min(good, confirm["achieved_pps"])
+    # What stopped the rate: the receiver's own socket overflowing means the endpoint,
+    # not the path, was the limit (as for the kernel at high rates).
+    failed = [t for t in trials if not t["ok"] and t["rate_pps"] > (good or 0)]
+    lowest = min(failed, key=lambda t: t["rate_pps"]) if failed else None
+    if sender_bound:
+        limit = "sender"
+    elif lowest is None:
+        limit = "ceiling"
+    elif lowest["receiver_socket_drops"] * 2 >= lowest["count"] - lowest["unique"] > 0:
+        limit = "receiver"
+    else:
+        limit = "path"
     return {
         "max_pps": round(good, 0) if good else None,
+        "limit": limit,
         "max_mbps": round(good * SIZE * 8 / 1e6, 1) if good else None,
         "sender_bound": sender_bound,
         "at_max": confirm,

@@ -12,6 +12,7 @@ tools/bench/out/. See tools/bench/README.md and docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from typing import Any
 import modes
 from lab import HERE, Lab, LabError, build_helpers
 from measure import SIZE, TTL, run_trial, search, system_cpu
-from modes import GROUP, MODES
+from modes import GROUP, MODES, BenchPath
 
 RATE_BAR, CPU_BAR = 0.70, 2.0  # the issue's bar: mcmw rate >= 70 %, CPU/pkt <= 2x C
 
@@ -69,55 +70,94 @@ def wait_idle(limit: float, threshold: float = 0.25) -> float:
     return load
 
 
-def bench_mode(mode: str, bins: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
-    started = time.monotonic()
-    result: dict[str, Any] = {"mode": mode}
-    result["background_cpus_busy"] = round(wait_idle(args.wait_idle), 3)
-    if result["background_cpus_busy"] > 0.25:
-        print(
-            f"  {mode}: machine busy ({result['background_cpus_busy']:.2f} CPUs of other "
-            "work); figures will be low and noisy",
-            file=sys.stderr,
-        )
-    with Lab(nice=args.nice, pin=args.pin) as lab, MODES[mode](lab, bins) as path:
-        result["path"] = path.describe
-        result["namespaces"] = [path.ns_send, path.ns_recv]
-        # A slow warm-up trial proves the path works before the search relies on it.
-        # One retry: a path that has only just come up may still be settling.
-        for attempt in range(2):
-            warm = run_trial(lab, bins, path, 1000, 0.5)
-            if warm["unique"]:
-                break
-            if attempt:
-                counters = (warm.get("path_counters") or {}).get("after")
-                raise LabError(
-                    f"{mode}: nothing arrives at 1000 pps (drops: {warm['drops']}"
-                    + (f"; path counters: {json.dumps(counters)}" if counters else "")
-                    + ")"
+def search_mode(
+    mode: str, lab: Lab, path: BenchPath, bins: dict[str, Path], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Prove the path works, then find its highest loss-free rate."""
+    # A slow warm-up trial proves the path works before the search relies on it.
+    # One retry: a path that has only just come up may still be settling.
+    for attempt in range(2):
+        warm = run_trial(lab, bins, path, 1000, 0.5)
+        if warm["unique"]:
+            break
+        if attempt:
+            counters = (warm.get("path_counters") or {}).get("after")
+            raise LabError(
+                f"{mode}: nothing arrives at 1000 pps (drops: {warm['drops']}"
+                + (f"; path counters: {json.dumps(counters)}" if counters else "")
+                + ")"
+            )
+        time.sleep(2)
+    print(f"  {mode}: {path.describe}")
+    return search(
+        lab,
+        bins,
+        path,
+        start=args.start,
+        ceiling=args.ceiling,
+        duration=args.duration,
+        precision=args.precision,
+    )
+
+
+def bench_modes(
+    names: list[str], bins: dict[str, Path], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Search each mode's rate in turn, keeping every path up; then the CPU trials, the
+    modes taking turns, so that a slow drift of the machine's speed (a VM's neighbours)
+    weighs on every mode alike and the ratios stay honest."""
+    results: dict[str, dict[str, Any]] = {}
+    live: dict[str, tuple[Lab, BenchPath]] = {}
+    with contextlib.ExitStack() as stack:
+        for mode in names:
+            print(f"bench: {mode}")
+            started = time.monotonic()
+            result: dict[str, Any] = {"mode": mode}
+            results[mode] = result
+            busy = result["background_cpus_busy"] = round(wait_idle(args.wait_idle), 3)
+            if busy > 0.25:
+                print(
+                    f"  {mode}: machine busy ({busy:.2f} CPUs of other work); figures will be low and noisy",
+                    file=sys.stderr,
                 )
-            time.sleep(2)
-        print(f"  {mode}: {path.describe}")
-        result["search"] = search(
-            lab,
-            bins,
-            path,
-            start=args.start,
-            ceiling=args.ceiling,
-            duration=args.duration,
-            precision=args.precision,
-        )
+            try:
+                lab = stack.enter_context(Lab(nice=args.nice, pin=args.pin))
+                path = stack.enter_context(MODES[mode](lab, bins))
+                result["path"] = path.describe
+                result["namespaces"] = [path.ns_send, path.ns_recv]
+                result["extra"] = path.extra  # filled in at teardown (relay counters)
+                result["search"] = search_mode(mode, lab, path, bins, args)
+                live[mode] = (lab, path)
+            except LabError as exc:
+                print(f"bench: {mode}: {exc}", file=sys.stderr)
+                results[mode] = {"mode": mode, "error": str(exc)}
+            result["search_s"] = round(time.monotonic() - started, 1)
+
         # CPU per packet at one rate for every mode, so modes are compared at equal load
-        # (per-packet cost falls as rates rise and wake-ups carry more packets).
-        cpu = run_trial(lab, bins, path, args.cpu_rate, args.duration)
-        print(
-            f"  {mode:9s} cpu {args.cpu_rate:9.0f} pps  loss {cpu['loss']:7.3%}"
-            f"  fwd {_fmt(cpu.get('fwd_us_per_pkt'))} us/pkt"
-            f"  path {_fmt(cpu.get('path_us_per_pkt'))} us/pkt"
-        )
-        result["at_cpu_rate"] = cpu
-        result["extra"] = path.extra
-    result["elapsed_s"] = round(time.monotonic() - started, 1)
-    return result
+        # (per-packet cost falls as rates rise and wake-ups carry more packets). The
+        # median of a few trials: single trials vary with where wake-ups land.
+        if live:
+            print(f"bench: CPU per packet at {args.cpu_rate:.0f} pps, modes in turn")
+        cpu_trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in live}
+        for _ in range(args.cpu_repeats):
+            for mode, (lab, path) in live.items():
+                try:
+                    cpu = run_trial(lab, bins, path, args.cpu_rate, args.duration)
+                except LabError as exc:
+                    results[mode]["cpu_error"] = str(exc)
+                    continue
+                cpu_trials[mode].append(cpu)
+                print(
+                    f"  {mode:11s} loss {cpu['loss']:7.3%}"
+                    f"  fwd {_fmt(cpu.get('fwd_us_per_pkt'))} us/pkt"
+                    f"  path {_fmt(cpu.get('path_us_per_pkt'))} us/pkt"
+                )
+        for mode, trials in cpu_trials.items():
+            key = "fwd_us_per_pkt" if live[mode][1].forwarders else "path_us_per_pkt"
+            trials.sort(key=lambda t: t.get(key) or 0.0)
+            results[mode]["at_cpu_rate"] = trials[len(trials) // 2] if trials else {}
+            results[mode]["cpu_trials"] = trials
+    return results
 
 
 def _fmt(value: float | None, spec: str = "6.2f") -> str:
@@ -145,14 +185,16 @@ def summary(results: dict[str, dict[str, Any]], cpu_rate: float) -> list[str]:
         if "error" in r:
             lines.append(f"{mode:10s} error: {r['error']}")
             continue
-        s, c = r["search"], r["at_cpu_rate"]
+        s, c = r["search"], r.get("at_cpu_rate") or {}
         at_max = s.get("at_max") or {}
         notes = []
         if s["max_pps"] is None:
             notes.append("no loss-free rate found")
-        if s["sender_bound"]:
-            notes.append("sender-bound: the rate is a lower bound")
-        if not c["ok"]:
+        if s.get("limit") in ("sender", "receiver", "ceiling"):
+            notes.append(f"{s['limit']}-bound: the path is at least this fast")
+        if not c:
+            notes.append(f"no cpu trial: {r.get('cpu_error', '?')}")
+        elif not c["ok"]:
             notes.append(f"cpu trial not clean: {c['why']}")
         if mode == "kernel":
             notes.append("forwarding runs in the sender's softirq: see path")
@@ -201,8 +243,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         rate = (
             (r["search"]["max_pps"] or 0) / base["search"]["max_pps"] if base["search"]["max_pps"] else None
         )
-        c_mode = r["at_cpu_rate"].get("fwd_us_per_pkt")
-        c_base = base["at_cpu_rate"].get("fwd_us_per_pkt")
+        c_mode = (r.get("at_cpu_rate") or {}).get("fwd_us_per_pkt")
+        c_base = (base.get("at_cpu_rate") or {}).get("fwd_us_per_pkt")
         cpu = c_mode / c_base if c_mode and c_base else None
         out[mode] = {
             "rate_ratio": rate,
@@ -228,6 +270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=20000,
         help="fixed rate for the CPU-per-packet trial (default %(default)s pps)",
     )
+    p.add_argument("--cpu-repeats", type=int, help="CPU trials at --cpu-rate, median kept (default 3)")
     p.add_argument("--start", type=float, default=10000, help="first rate tried (pps)")
     p.add_argument("--ceiling", type=float, default=1_000_000, help="highest rate tried (pps)")
     p.add_argument("--precision", type=float, help="stop bisecting at high/low < this")
@@ -258,6 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.duration = args.duration or (1.0 if args.quick else 2.0)
     args.precision = args.precision or (1.25 if args.quick else 1.1)
+    args.cpu_repeats = args.cpu_repeats or (1 if args.quick else 3)
     if args.mcmw:
         modes.MCMW_COMMAND[:] = shlex.split(args.mcmw)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -299,13 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     builddir = Path(tempfile.mkdtemp(prefix="mcmwb-build-"))
     try:
         bins = build_helpers(builddir)
-        for mode in args.modes:
-            print(f"bench: {mode}")
-            try:
-                results[mode] = bench_mode(mode, bins, args)
-            except LabError as exc:
-                print(f"bench: {mode}: {exc}", file=sys.stderr)
-                results[mode] = {"mode": mode, "error": str(exc)}
+        results = bench_modes(args.modes, bins, args)
     except KeyboardInterrupt:
         print("bench: interrupted; namespaces removed", file=sys.stderr)
         return 1
@@ -320,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             "modes": args.modes,
             "duration_s": args.duration,
             "cpu_rate_pps": args.cpu_rate,
+            "cpu_repeats": args.cpu_repeats,
             "start_pps": args.start,
             "ceiling_pps": args.ceiling,
             "precision": args.precision,
