@@ -22,7 +22,7 @@ from igmp import codec_igmp, codec_mld
 from igmp.errors import Malformed
 from igmp.messages import Message
 from mcmw.capture import CaptureError, CaptureReader, Frame, Progress, link_layer
-from mcmw.node import MLD_TYPES, NH_HOP_BY_HOP, NH_ICMPV6, PROTO_IGMP, carried
+from mcmw.node import PROTO_IGMP, carried, is_mld
 from overlay import codec
 from overlay.auth import IntegrityError
 from overlay.auth import _split as split_integrity  # the one parser of Integrity objects
@@ -32,6 +32,7 @@ ETHERTYPE_NAMES = {0x0806: "arp", 0x88CC: "lldp", 0x8035: "rarp", 0x8100: "vlan"
 L4_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 103: "pim", 132: "sctp"}
 SEQ_MOD = 1 << 32
 DATA_PROTOCOLS = frozenset((6, 17, 33, 132))  # TCP, UDP, DCCP, SCTP
+ETHERNET_BLANK = bytes(14)
 FlowKey = tuple[bytes, int, bytes, int]  # source address and port, destination address and port
 
 
@@ -146,17 +147,11 @@ def message_fields(msg: Message) -> dict[str, Any]:
 
 
 def is_membership(packet: bytes, family: int) -> bool:
-    """The node's own test (Node.tap_frames): IGMP by protocol; MLD by a hop-by-hop header
-    or an ICMPv6 type of MLD right after the IPv6 header."""
+    """The node's own test (Node.tap_frames): IGMP by IP protocol, MLD by is_mld (which
+    reads a TAP frame, hence the blank Ethernet header)."""
     if family == 4:
         return len(packet) >= 20 and packet[9] == PROTO_IGMP
-    nh = packet[6]
-    return nh == NH_HOP_BY_HOP or (nh == NH_ICMPV6 and len(packet) > 40 and packet[40] in MLD_TYPES)
-
-
-def not_mld(result: dict[str, Any]) -> bool:
-    """A hop-by-hop packet that turned out to carry something other than MLD."""
-    return result.get("reason") == "unknown_type" and result.get("raw_type") not in MLD_TYPES
+    return len(packet) >= 40 and is_mld(ETHERNET_BLANK + packet)
 
 
 # -- peer messages -----------------------------------------------------------------
@@ -308,7 +303,7 @@ class CopsStreams:
             key = (bytes(ip.src), l4.sport, bytes(ip.dst), l4.dport)
             return ip, key, self.tcp(key, l4.seq, bool(l4.flags & dpkt.tcp.TH_SYN), bytes(l4.data))
         if isinstance(l4, dpkt.udp.UDP):
-            return ip, None, self.udp(bytes(l4.data))
+            return ip, (bytes(ip.src), l4.sport, bytes(ip.dst), l4.dport), self.udp(bytes(l4.data))
         return ip, None, None
 
 
@@ -366,16 +361,14 @@ class Decoder:
                 "detail": f"not a whole IPv{family} header",
             }
         if is_membership(packet, family):
-            result = membership(packet, family)
-            if not (family == 6 and not_mld(result)):
-                return result
+            return membership(packet, family)
         return self.other_ip(packet, family)
 
     def other_ip(self, packet: bytes, family: int) -> dict[str, Any]:
         """Data, peer messages, or anything else IP, as dpkt reads it."""
         try:
             ip, _, seg = self.cops.segment(packet, family)
-        except (dpkt.Error, IndexError, ValueError, KeyError) as exc:
+        except Exception as exc:  # dpkt on arbitrary bytes: whatever it raises, the frame is cut
             detail = f"IPv{family}: {exc or type(exc).__name__}"
             return {"version": family, "malformed": True, "reason": "truncated", "detail": detail}
         src, dst = ip_endpoints(packet) or (b"", b"")
@@ -391,10 +384,11 @@ class Decoder:
         if seg is not None:
             out.update(segment_fields(seg))
             return out
-        out["type"] = L4_NAMES.get(ip.p, f"ip protocol {ip.p}")
+        proto = getattr(ip, "p", None) if family == 4 else getattr(ip, "p", ip.nxt)  # IP6 may lack it
+        out["type"] = L4_NAMES.get(proto, f"ip protocol {proto}")
         # Data: what applications send to groups; routing and neighbour discovery on the
         # link-local groups are not that.
-        if is_multicast(dst) and (carried(dst) or ip.p in DATA_PROTOCOLS):
+        if is_multicast(dst) and (carried(dst) or proto in DATA_PROTOCOLS):
             out.update(protocol="data", group=text(dst), carried=carried(dst))
             problem = data_problem(packet, family)
             if problem is not None:
@@ -436,7 +430,9 @@ def format_line(rec: dict[str, Any]) -> str:
             body += " (link-local, not carried)"
     else:
         parts = [p for p in (f"ipv{rec['version']}" if rec.get("version") else None, rec.get("type")) if p]
-        if rec.get("src"):
+        if rec.get("sport") is not None:
+            parts.append(f"{endpoint(rec['src'], rec['sport'])} > {endpoint(rec['dst'], rec['dport'])}")
+        elif rec.get("src"):
             parts.append(f"{rec['src']} > {rec['dst']}")
         body = " ".join(parts) or "?"
     if rec.get("malformed"):
@@ -496,6 +492,12 @@ def message_text(msg: dict[str, Any]) -> str:
 # -- the command ----------------------------------------------------------------------
 
 
+def pipe_closed() -> None:
+    """The reader of our output went away (| head): not an error of ours. Point stdout at
+    /dev/null so that the interpreter's final flush does not complain either."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def decode_main(args: argparse.Namespace) -> int:
     """`mcmw decode FILE [--json]`; a damaged capture is decoded up to the damage, then exit 2."""
     decoder = Decoder()
@@ -507,8 +509,7 @@ def decode_main(args: argparse.Namespace) -> int:
                 print(json.dumps(rec) if args.json else format_line(rec))
                 progress.update(reader.position, f"frame {frame.number}")
         except BrokenPipeError:
-            # The reader of our output went away (| head): not an error of ours.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            pipe_closed()
             return 0
         except CaptureError:
             sys.stdout.flush()

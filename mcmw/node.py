@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from igmp.actions import MembershipChange, SendQuery
@@ -78,6 +79,8 @@ class Node:
         self.mac = router_mac(name)
         self.igmp = Querier(4, self.config.igmp, self.config.tap.address.ip.packed, now)
         self.mld = Querier(6, self.config.mld, link_local_from_mac(self.mac), now)
+        # Queries (and their source lists) are split to fit the segment's MTU.
+        self.igmp.mtu = self.mld.mtu = self.config.tap.mtu
         overlay = tree.overlay
         self.hop_ttl = overlay.ttl == "hop"
         self.map_group = make_mapper(overlay.mapping, overlay.address_bits)
@@ -408,6 +411,8 @@ class Node:
         self, link: PeerLink, buf: bytes | bytearray, offset: int, length: int, now: float
     ) -> None:
         """An IP-Data message from an up link, at `offset` in `buf`: the data fast path."""
+        if length < codec.IP_DATA_HEAD_LEN:
+            raise codec.CodecError(f"ip-data message of {length} bytes has no object")
         _, _, _, _, objlen, cnum, ctype, _, seq = codec.IP_DATA_HEAD.unpack_from(buf, offset)
         if seq != link.rx_next:
             link.count_seq(seq)
@@ -469,14 +474,20 @@ class Node:
         elif isinstance(msg, AddRoute | RemoveRoute):
             peer = link.peer
             assert peer is not None
+            updates: list[Update] = []
+            touched: list[GroupRoute] = []
             for route in msg.routes:
                 if not self.carries(route.group):
                     self.counters["ignored_boundary"] += 1
                     continue
                 want = Filter(route.mode, frozenset(route.sources)) if isinstance(msg, AddRoute) else None
-                self._apply(self.interest.set_requested(peer, route.group, want), now)
-                self._rebuild(self._route(route.group))
-            self._prune()
+                updates += self.interest.set_requested(peer, route.group, want)
+                touched.append(self._route(route.group))
+            # One pass per message, however many routes it carries.
+            self._apply(updates, now)
+            for group_route in touched:
+                self._rebuild(group_route)
+            self._prune(touched)
         elif isinstance(msg, Close):
             link.on_close(msg)
             self._forget(link, now)
@@ -521,8 +532,9 @@ class Node:
                 if want.empty:
                     want = None
                 self._apply(self.interest.set_local(action.group, want), now)
-                self._rebuild(self._route(action.group))
-                self._prune()
+                route = self._route(action.group)
+                self._rebuild(route)
+                self._prune([route])
 
     def _apply(self, updates: list[Update], now: float) -> None:
         """Tell neighbours what changed in what we want from them."""
@@ -571,9 +583,12 @@ class Node:
         route.local = self.interest.local.get(route.group)
         route.local_any = route.local is not None and route.local.any_source
 
-    def _prune(self) -> None:
-        for group in [g for g, r in self.routes.items() if r.idle]:
-            del self.routes[group]
+    def _prune(self, routes: Iterable[GroupRoute] | None = None) -> None:
+        """Drop idle routes: those given, or all of them."""
+        candidates = list(self.routes.values()) if routes is None else routes
+        for route in candidates:
+            if route.idle and self.routes.get(route.group) is route:
+                del self.routes[route.group]
 
     # -- status --------------------------------------------------------------------
 

@@ -21,13 +21,17 @@ import argparse
 import hashlib
 import ipaddress
 import json
+import logging
 import math
 import socket
+import struct
 import sys
 import time
 from collections import Counter
 from dataclasses import replace
 from typing import Any
+
+import dpkt
 
 from mcmw.capture import (
     NS,
@@ -50,6 +54,7 @@ from mcmw.decode import (
     is_membership,
     is_multicast,
     membership,
+    pipe_closed,
     split_messages,
     strip_integrity,
     text,
@@ -62,6 +67,7 @@ from tap.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6, router_mac
 ORIGIN = 1.0  # the node's clock at the first frame (a keep-alive timestamp of 0 means "none")
 FED_FROM_CAPTURE = frozenset((codec.OP_ADD_ROUTE, codec.OP_REMOVE_ROUTE, codec.OP_IP_DATA))
 EPHEMERAL_PORT = 40000
+QUERIES_SHOWN = 20  # in the report for people; --json has them all
 
 
 class Tally:
@@ -169,6 +175,7 @@ class Wire:
             "route_changes": self.changes,
             "data": self.data.report(),
             "from_capture": dict(sorted(self.fed.items())),
+            "last_error": peer.get("last_error"),
         }
 
 
@@ -204,6 +211,9 @@ class Replay:
         self.opened: dict[FlowKey, str] = {}  # the capture's peer streams -> who sent Open
         self.listeners = {
             (ipaddress.ip_address(n.listen[0]).packed, n.listen[1]): k for k, n in tree.nodes.items()
+        }
+        self.udp_ports = {
+            (ipaddress.ip_address(n.listen[0]).packed, n.udp): k for k, n in tree.nodes.items() if n.udp
         }
         node = self.node = Node(tree, name, self.now)
         node.start(self.now)
@@ -255,11 +265,11 @@ class Replay:
         if link is None:
             self.frames["too_short"] += 1
             return
-        if link.src in self.own_macs:
-            self.frames["mcmw_output"] += 1  # a node's own writes, seen on its TAP
-            return
         if link.ethertype in (ETHERTYPE_IPV4, ETHERTYPE_IPV6) and self.peer_messages(link.payload):
             self.frames["peer_messages"] += 1
+            return
+        if link.src in self.own_macs:
+            self.frames["mcmw_output"] += 1  # a node's own writes, seen on its TAP
             return
         ethernet = ethernet_frame(frame)
         if ethernet is None:
@@ -275,12 +285,19 @@ class Replay:
         if ends is None or is_multicast(ends[1]) or is_membership(packet, packet[0] >> 4):
             return False  # peer messages travel unicast
         try:
-            _, key, seg = self.streams.segment(packet, packet[0] >> 4)
-        except Exception:  # noqa: BLE001 - what dpkt cannot read is not a peer message
+            ip, key, seg = self.streams.segment(packet, packet[0] >> 4)
+        except Exception:  # what dpkt cannot read is not a peer message
             return False
-        if seg is None:
+        if seg is None or key is None:
             return False
-        sender, receiver = self.who(key, seg.messages) if key is not None else (None, None)
+        datagram = isinstance(ip.data, dpkt.udp.UDP)
+        if datagram:  # the UDP data channel: nodes by their udp ports
+            sender, receiver = self.udp_ports.get(key[:2]), self.udp_ports.get(key[2:])
+            if sender is None and receiver is not None:  # datagrams leave from any address
+                ports = [p for p, _ in self.tree.neighbours(receiver) if self.tree.nodes[p].udp == key[1]]
+                sender = ports[0] if len(ports) == 1 else None
+        else:
+            sender, receiver = self.who(key, seg.messages)
         wire = self.wires.get(sender or "")
         for message in seg.messages:
             if receiver != self.name or wire is None or message[1] not in FED_FROM_CAPTURE:
@@ -288,10 +305,22 @@ class Replay:
             if wire.link.auth is not None:
                 wire.fed["not fed: authenticated"] += 1  # sealed with another session's key
                 continue
+            if wire.link.state == CLOSED:
+                wire.fed["not fed: link closed"] += 1
+                continue
+            try:
+                if datagram:
+                    self.record_datagram(wire, from_node=False, data=message)
+                    self.node.link_datagram(wire.link, message, self.now)
+                else:
+                    self.record_stream(wire, from_node=False, data=message)
+                    self.node.link_data(wire.link, message, self.now)
+            except struct.error:
+                # Node._ip_data reads an IP-Data head without checking its length (an xfail
+                # in tests/test_overlay_hostile.py): count it and go on.
+                wire.fed["not fed: too short for the node"] += 1
+                continue
             wire.fed[codec.MESSAGE_NAMES[message[1]]] += 1
-            self.record_stream(wire, from_node=False, data=message)
-            if wire.link.state != CLOSED:
-                self.node.link_data(wire.link, message, self.now)
         self.pump()
         return True
 
@@ -415,6 +444,9 @@ def load_node_tree(args: argparse.Namespace) -> TreeConfig:
 def replay_main(args: argparse.Namespace) -> int:
     """`mcmw replay FILE -c TREE --node NAME [--out OUT] [--json] | --live [--speed X]`."""
     tree = load_node_tree(args)
+    # The cores' warnings (a link closed, a bad message) would come from the node and its
+    # neighbours alike, on a clock that is not now: the report says it all instead.
+    logging.getLogger("mcmw.node").setLevel(logging.ERROR)
     if getattr(args, "live", False):
         if args.out:
             raise UsageError("--out and --live do not go together: a live replay writes no capture")
@@ -445,7 +477,10 @@ def replay_main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"{args.out}: cannot write: {exc.strerror or exc}") from None
         result["out"] = {"file": args.out, "frames": len(replay.out)}
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    try:
+        print(json.dumps(result, indent=2) if args.json else format_report(result))
+    except BrokenPipeError:
+        pipe_closed()
     if damage is not None:
         sys.stdout.flush()
         raise damage
@@ -525,19 +560,27 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append("neighbours:")
     for n in rep["neighbours"]:
         sent = ", ".join(f"{k} {v}" for k, v in n["messages"].items()) or "nothing"
-        lines.append(f"  {n['name']} ({n['state']}): sent {sent}")
+        why = f" ({n['last_error']})" if n.get("last_error") else ""
+        lines.append(f"  {n['name']} ({n['state']}{why}): sent {sent}")
         for route in n["routes"]:
             lines.append(f"    asks for {route['group']} {route['mode']} {{{', '.join(route['sources'])}}}")
         for d in n["data"]:
             lines.append(f"    data {d['source']} > {d['group']}: {d['packets']} packets, {d['bytes']} bytes")
     tap = rep["tap"]
-    lines.append(f"tap: wrote {tap['frames']} frames, {tap['queries']} of them queries")
+    kinds = Counter(
+        "general" if q["group"] in ("0.0.0.0", "::") else "group-and-source" if q["sources"] else "group"
+        for q in rep["queries"]
+    )
+    shown = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    lines.append(f"tap: wrote {tap['frames']} frames; queries: {shown or 'none'}")
     for d in tap["data"]:
         lines.append(f"  data {d['source']} > {d['group']}: {d['packets']} packets, {d['bytes']} bytes")
-    for q in rep["queries"]:
+    for q in rep["queries"][:QUERIES_SHOWN]:
         what = "general" if q["group"] in ("0.0.0.0", "::") else q["group"]
         srcs = f" sources [{', '.join(q['sources'])}]" if q["sources"] else ""
         lines.append(f"  {q['time']:>12.3f}s {q['protocol']} v{q['version']} query {what}{srcs}")
+    if len(rep["queries"]) > QUERIES_SHOWN:
+        lines.append(f"  ... {len(rep['queries']) - QUERIES_SHOWN} more (--json lists them all)")
     counters = "  ".join(f"{k} {v}" for k, v in sorted(rep["counters"].items()))
     lines.append(f"counters: {counters}")
     drops = rep["membership_drops"]

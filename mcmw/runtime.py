@@ -54,7 +54,9 @@ class Runtime:
         self.loop = asyncio.get_running_loop()
         self.node = Node(tree, name, time.monotonic())
         tap_cfg = tree.nodes[name].tap
-        self.tap = TapDevice(tap_cfg.name, tap_cfg.address, tap_cfg.mtu, tap_cfg.ipv6_scopes)
+        self.tap = TapDevice(
+            tap_cfg.name, tap_cfg.address, tap_cfg.mtu, tap_cfg.ipv6_scopes, bridge=tap_cfg.bridge
+        )
         self.conns: list[Connection] = []
         self.listener: socket.socket | None = None
         self.udp: socket.socket | None = None

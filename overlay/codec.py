@@ -254,6 +254,8 @@ def encode_routes(add: bool, routes: list[Route]) -> list[bytes]:
 
 def check_header(buf: bytes | bytearray | memoryview, offset: int) -> tuple[int, int]:
     """(op-code, length) of the message at `offset`; CodecError if the header is wrong."""
+    if len(buf) - offset < HEADER_LEN:
+        raise CodecError(f"{len(buf) - offset} bytes, shorter than the common header")
     vf, opcode, client_type, length = COMMON_HEADER.unpack_from(buf, offset)
     if vf >> 4 != COPS_VERSION:
         raise CodecError(f"COPS version {vf >> 4}, expected {COPS_VERSION}")

@@ -295,18 +295,18 @@ Counters = dict[tuple[str, str], int]
 
 
 def wait_route_state(sites: Sites, wants: list[Want], timeout: float = 10) -> None:
-    """Every node's state for the wanted groups equals the model's; assert (with the diff)
-    if it does not within `timeout`."""
+    """Every running node's state for the wanted groups equals the model's; assert (with
+    the diff) if it does not within `timeout`."""
     groups = {w.group for w in wants}
     links = sites.doc["links"]
 
     def actual() -> dict[str, object]:
         return {
             node: {g: v for g, v in sites.route_state(node)["groups"].items() if g in groups}
-            for node in sites.ns
+            for node in sites.sockets
         }
 
-    expected = {node: expected_groups(links, node, wants) for node in sites.ns}
+    expected = {node: expected_groups(links, node, wants) for node in sites.sockets}
     try:
         wait_for(lambda: actual() == expected, timeout, "the route state of every node")
     except TimeoutError:
@@ -317,7 +317,7 @@ def link_counters(sites: Sites) -> tuple[Counters, Counters]:
     """IP-Data per directed link (u, v): as counted by u (tx) and by v (rx)."""
     tx: Counters = {}
     rx: Counters = {}
-    for node in sites.ns:
+    for node in sites.sockets:
         for peer in sites.status(node)["peers"]:
             tx[(node, peer["name"])] = peer["tx_packets"]
             rx[(peer["name"], node)] = peer["rx_packets"]
@@ -325,7 +325,7 @@ def link_counters(sites: Sites) -> tuple[Counters, Counters]:
 
 
 def delivered(sites: Sites) -> dict[str, int]:
-    return {node: sites.status(node)["counters"].get("delivered", 0) for node in sites.ns}
+    return {node: sites.status(node)["counters"].get("delivered", 0) for node in sites.sockets}
 
 
 def receive_count(want: Want, streams: list[Stream]) -> int:
@@ -381,7 +381,7 @@ def check_streams(sites: Sites, wants: list[Want], streams: list[Stream], rate: 
     assert tx == expected_links, "a link carried a group or source nobody behind it wants (or missed one)"
 
     after = delivered(sites)
-    got_delivered = {node: after[node] - delivered_before[node] for node in sites.ns}
-    want_delivered = {node: expected_delivered(wants, streams).get(node, 0) for node in sites.ns}
+    got_delivered = {node: after[node] - delivered_before[node] for node in sites.sockets}
+    want_delivered = {node: expected_delivered(wants, streams).get(node, 0) for node in sites.sockets}
     assert got_delivered == want_delivered, "packets written into each TAP"
     return tx

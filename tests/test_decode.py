@@ -46,6 +46,9 @@ RA = [IPOption_Router_Alert()]
 MLD_TYPES = {"130", "131", "132", "143"}
 TSHARK = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(TSHARK is None, reason="needs tshark")
+needs_capture_tools = pytest.mark.skipif(
+    not (shutil.which("tcpdump") and shutil.which("dumpcap")), reason="needs tcpdump and dumpcap"
+)
 
 FIELDS = [
     "frame.number",
@@ -542,6 +545,7 @@ def member_commands(lab: Lab, ns: str, script: list[str]) -> None:
 
 @pytest.mark.privileged
 @needs_tshark
+@needs_capture_tools
 def test_a_linux_host_through_a_node_reads_as_tshark_reads_it(lab: Lab) -> None:
     """The kernel joins and leaves as IGMPv1, v2, v3 and MLDv1, v2 host on the TAP of a
     running node (which queries every 2 s); four captures of it, in each link type and

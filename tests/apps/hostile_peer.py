@@ -13,6 +13,7 @@ back, decoded, and whether and when it closed the connection):
     unknown-key      an Open sealed under a key id the node does not have
     replay           a valid session, a Keep-Alive, then the same sealed bytes again
     bad-hmac         a valid session, then a Keep-Alive whose HMAC is wrong
+    short-ip-data    a valid session, then an IP-Data of 8 bytes (a header, no object)
     open-replay      a valid session recorded; then, on a new connection, its Open and its
                      first sealed message replayed as they were (no key needed to do so)
     flood            a valid session, then --groups Add-Routes, --per-message per message;
@@ -24,8 +25,9 @@ UDP actions (the node's UDP data channel at HOST PORT):
     udp-capture      capture one datagram going out of --dev to HOST PORT (a real peer's,
                      since this runs in that peer's namespace), then send it --count times
                      (replays), then --count times each: with its HMAC changed, with its
-                     Integrity object cut off, cut to 8 and to 4 bytes; all from the real
-                     peer's address and port, on the wire through --dev
+                     Integrity object cut off, cut to 8 and to 4 bytes, and as a bare
+                     8-byte IP-Data header (length 8); all from the real peer's address
+                     and port, on the wire through --dev; --only picks some of these
 
 Options: --name (node name in Open), --keys (key file), --bits/--mapping (overlay), --dead.
 """
@@ -47,7 +49,7 @@ from overlay import codec
 from overlay.auth import INTEGRITY_LEN, Authenticator, load_keys
 from overlay.codec import AddRoute, Close, KeepAlive, Open, Route
 
-ETH_P_IP = 0x0800
+ETH_P_ALL = 0x0003  # outgoing frames reach only ETH_P_ALL taps
 PACKET_OUTGOING = 4
 
 
@@ -116,13 +118,13 @@ class Peer:
 
     def session(self) -> None:
         """A valid Open exchange and the first sealed Keep-Alive: the link is up."""
-        assert self.auth is not None, "a session needs --keys"
-        self.send(self.auth.seal_open(self.open_message()))
+        self.send(self.auth.seal_open(self.open_message()) if self.auth else self.open_message())
         self.read(5, want="open")
         opened = next((m for m in self.received if m["type"] == "open"), None)
         assert opened is not None, f"no Open from the node: {self.received}"
-        self.auth.start_session(self.auth.signing_id, self.auth.nonce, bytes.fromhex(opened["nonce"]))
-        self.send(self.auth.seal(codec.encode(KeepAlive(time.monotonic_ns(), 0, 0))))
+        if self.auth:
+            self.auth.start_session(self.auth.signing_id, self.auth.nonce, bytes.fromhex(opened["nonce"]))
+        self.send(self.sealed(codec.encode(KeepAlive(time.monotonic_ns(), 0, 0))))
 
     def sealed(self, message: bytes) -> bytes:
         return self.auth.seal(message) if self.auth else message
@@ -180,6 +182,11 @@ def tcp_action(args: argparse.Namespace) -> dict[str, Any]:
         message = bytearray(peer.sealed(codec.encode(KeepAlive(time.monotonic_ns(), 0, 0))))
         message[-1] ^= 0xFF
         peer.send(bytes(message))
+    elif action == "short-ip-data":
+        peer.session()
+        peer.read(0.5)
+        header_only = struct.pack("!BBHI", 0x10, codec.OP_IP_DATA, codec.CLIENT_TYPE, 8)
+        peer.send(peer.sealed(header_only))
     elif action == "flood":
         peer.session()
         peer.read(1)
@@ -205,7 +212,7 @@ def tcp_action(args: argparse.Namespace) -> dict[str, Any]:
                 inner = strip_integrity(raw)
                 if echoed is None and inner[1] == codec.OP_KEEPALIVE:
                     ka = codec.decode(inner)
-                    if isinstance(ka, KeepAlive) and ka.echo_ns == stamp:
+                    if isinstance(ka, KeepAlive) and ka.echo_ns >= stamp:
                         echoed = time.monotonic() - started
             peer.raw_received.clear()
             peer.send(peer.sealed(codec.encode(KeepAlive(time.monotonic_ns(), 0, 0))))
@@ -276,17 +283,20 @@ def udp_action(args: argparse.Namespace) -> dict[str, Any]:
             sock.sendto(rng.randbytes(rng.randrange(1, 1400)), (args.host, args.port))
         return {"sent": args.count}
     # udp-capture: take one real datagram to the node's port off the wire.
-    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
-    raw.bind((args.dev, ETH_P_IP))
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    raw.bind((args.dev, ETH_P_ALL))
     raw.settimeout(5)
     target = socket.inet_aton(args.host)
     deadline = time.monotonic() + 5
     frame = b""
     while time.monotonic() < deadline:
         data, address = raw.recvfrom(65536)
+        if len(data) < 42:
+            continue
         ihl = (data[14] & 0x0F) * 4
         if (
             address[2] == PACKET_OUTGOING
+            and data[12:14] == b"\x08\x00"
             and data[23] == socket.IPPROTO_UDP
             and data[30:34] == target
             and struct.unpack_from("!H", data, 14 + ihl + 2)[0] == args.port
@@ -299,6 +309,8 @@ def udp_action(args: argparse.Namespace) -> dict[str, Any]:
     total = struct.unpack_from("!H", frame, 16)[0]
     payload = frame[14 + ihl + 8 : 14 + total]
     seq = struct.unpack_from("!I", payload, 16)[0]
+    header_only = bytearray(payload[:8])
+    struct.pack_into("!I", header_only, 4, 8)
     bad_hmac = bytearray(payload)
     bad_hmac[-1] ^= 0x55
     unsealed = strip_integrity(payload)
@@ -309,8 +321,13 @@ def udp_action(args: argparse.Namespace) -> dict[str, Any]:
         ("no_integrity", unsealed),
         ("cut_to_8", payload[:8]),
         ("cut_to_4", payload[:4]),
+        ("header_only", bytes(header_only)),
     ):
-        wire = frame if name == "replay" else reframe(frame, body)
+        if args.only and name not in args.only.split(","):
+            continue
+        # Rebuilt even for the replay: a frame taken on its way out may carry a partial
+        # UDP checksum (offload), which the receiving kernel would reject.
+        wire = reframe(frame, body)
         for _ in range(args.count):
             raw.send(wire)
         sent[name] = args.count
@@ -334,6 +351,7 @@ def main() -> None:
     parser.add_argument("--per-message", type=int, default=1)
     parser.add_argument("--hold", type=float, default=3)
     parser.add_argument("--dev", default="")
+    parser.add_argument("--only", default="", help="udp-capture: which forgeries, comma-separated")
     args = parser.parse_args()
     if args.action.startswith("udp-"):
         result = udp_action(args)

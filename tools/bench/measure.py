@@ -7,13 +7,16 @@ CPU figures:
   forwarders, delta over the trial. It includes the kernel work their own syscalls do
   (TAP read/write, UDP/TCP send, and the softirq processing that runs in their
   context), which is the honest cost of a userspace forwarder.
-- system CPU: the busy time of all CPUs from /proc/stat (includes sender, receiver and
-  anything else running). For the kernel mode it is the only figure; its softirq part
-  is reported on its own.
+- endpoint CPU: the sender and the receiver report their own CPU time; forwarders +
+  endpoints is the whole path's cost, and the only figure for the kernel mode (its
+  forwarding runs in the sender's context).
+- system CPU: the busy time of all CPUs from /proc/stat; less the above, it is the CPU
+  that other work on the machine took during the trial (`other_cpus`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -30,6 +33,7 @@ SIZE = 1316  # 7 MPEG-TS packets of 188 bytes
 TTL = 16
 LOSS_LIMIT = 0.001  # "loss-free" means < 0.1 %
 USER_HZ = os.sysconf("SC_CLK_TCK")
+OTHER_LOAD_LIMIT = 0.25  # CPUs of other work above which a trial counts as disturbed
 
 
 def process_cpu_ns(pid: int) -> int | None:
@@ -55,6 +59,24 @@ def system_cpu() -> tuple[int, int]:
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq = values[:7]
     return user + nice + system + irq + softirq, softirq
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """Busy CPUs of the whole machine while the benchmark does nothing: other work on a
+    2-core box skews every figure, so it is recorded with the results."""
+    b0 = system_cpu()[0]
+    time.sleep(seconds)
+    return (system_cpu()[0] - b0) / USER_HZ / seconds
+
+
+def wait_idle(limit: float, threshold: float = OTHER_LOAD_LIMIT) -> float:
+    """Wait up to `limit` s for other work on the machine to stop; return the last load
+    seen. The benchmark cannot make other tenants quiet, only avoid their bursts."""
+    deadline = time.monotonic() + limit
+    load = background_load(0.5)
+    while load > threshold and time.monotonic() < deadline:
+        load = background_load(1.0)
+    return load
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, Any]:
@@ -172,6 +194,10 @@ def run_trial(
     endpoints = snd.get("cpu_s", 0.0) + rcv.get("cpu_s", 0.0)
     result["endpoint_cpu_s"] = {"sender": snd.get("cpu_s"), "receiver": rcv.get("cpu_s")}
     result["endpoint_us_per_pkt"] = endpoints / unique * 1e6 if unique else None
+    # CPUs busy with anything but this trial's processes (other tenants of the machine):
+    # a failed trial that had much of it is repeated by the search.
+    ours = endpoints + result.get("fwd_cpu_total_s", 0.0)
+    result["other_cpus"] = round(max(0.0, result["sys_busy_s"] - ours) / result["wall_s"], 3)
     result["path_us_per_pkt"] = (
         (endpoints + result.get("fwd_cpu_total_s", 0.0)) / unique * 1e6 if unique else None
     )
@@ -217,8 +243,7 @@ def _cpu_figures(s0: dict[str, Any], s1: dict[str, Any], packets: int) -> dict[s
 
 
 def _last_json(text: str) -> dict[str, Any]:
-    import json
-
+    """The last JSON object a helper printed (not its {"ready": true} line)."""
     for line in reversed(text.strip().splitlines()):
         try:
             value = json.loads(line)
@@ -247,6 +272,17 @@ def search(
 
     def attempt(rate: float) -> dict[str, Any]:
         r = run_trial(lab, bins, path, rate, duration)
+        if not r["ok"] and r["other_cpus"] > OTHER_LOAD_LIMIT:
+            # Other work on the machine took CPU from this trial: once it has gone (or
+            # after 10 s), try the rate again rather than blame the path.
+            log(
+                f"  {path.mode:9s} --- {rate:9.0f} pps  failed with {r['other_cpus']:.2f} CPUs"
+                " of other load; repeating"
+            )
+            r["disturbed"] = True
+            trials.append(r)
+            wait_idle(10)
+            r = run_trial(lab, bins, path, rate, duration)
         trials.append(r)
         flag = "ok " if r["ok"] else "BAD"
         cpu = r.get("fwd_us_per_pkt")
@@ -303,7 +339,7 @@ def search(
         good = min(good, confirm["achieved_pps"])
     # What stopped the rate: the receiver's own socket overflowing means the endpoint,
     # not the path, was the limit (as for the kernel at high rates).
-    failed = [t for t in trials if not t["ok"] and t["rate_pps"] > (good or 0)]
+    failed = [t for t in trials if not t["ok"] and not t.get("disturbed") and t["rate_pps"] > (good or 0)]
     lowest = min(failed, key=lambda t: t["rate_pps"]) if failed else None
     if sender_bound:
         limit = "sender"

@@ -19,6 +19,7 @@ import platform
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +28,8 @@ from typing import Any
 
 # Run as a script, so this directory is on sys.path and the siblings import directly.
 import modes
-from lab import HERE, Lab, LabError, build_helpers
-from measure import SIZE, TTL, run_trial, search, system_cpu
+from lab import HERE, REPO, Lab, LabError, build_helpers
+from measure import SIZE, TTL, background_load, run_trial, search, wait_idle
 from modes import GROUP, MODES, BenchPath
 
 RATE_BAR, CPU_BAR = 0.70, 2.0  # the issue's bar: mcmw rate >= 70 %, CPU/pkt <= 2x C
@@ -52,22 +53,21 @@ def machine() -> dict[str, Any]:
     }
 
 
-def background_load(seconds: float = 1.0) -> float:
-    """Busy fraction of the whole machine (in CPUs) while we do nothing: other work on a
-    2-core box skews every figure, so it is recorded with the results."""
-    b0 = system_cpu()[0]
-    time.sleep(seconds)
-    return (system_cpu()[0] - b0) / os.sysconf("SC_CLK_TCK") / seconds
+def revision() -> dict[str, Any]:
+    """The checkout's commit and the node's files changed since it: what `mcmw` was."""
 
+    def git(*argv: str) -> str:
+        try:
+            out = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.rstrip() if out.returncode == 0 else ""
 
-def wait_idle(limit: float, threshold: float = 0.25) -> float:
-    """Wait up to `limit` s for other work on the machine to stop; return the last load
-    seen. The benchmark cannot make other tenants quiet, only avoid their bursts."""
-    deadline = time.monotonic() + limit
-    load = background_load(0.5)
-    while load > threshold and time.monotonic() < deadline:
-        load = background_load(1.0)
-    return load
+    dirty = git("status", "--porcelain", "--", "mcmw", "overlay", "tap", "igmp")
+    return {
+        "head": git("rev-parse", "--short", "HEAD") or None,
+        "uncommitted": [line[3:] for line in dirty.splitlines()],
+    }
 
 
 def search_mode(
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": info,
+        "revision": revision(),
         "stream": {"group": GROUP, "size": SIZE, "ttl": TTL},
         "params": {
             "modes": args.modes,
