@@ -24,15 +24,13 @@ from igmp.messages import Message
 from mcmw.capture import CaptureError, CaptureReader, Frame, Progress, link_layer
 from mcmw.node import PROTO_IGMP, carried, is_mld
 from overlay import codec
-from overlay.auth import IntegrityError
-from overlay.auth import _split as split_integrity  # the one parser of Integrity objects
+from overlay.auth import IntegrityError, split_integrity
 from tap.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
 
 ETHERTYPE_NAMES = {0x0806: "arp", 0x88CC: "lldp", 0x8035: "rarp", 0x8100: "vlan"}
 L4_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 103: "pim", 132: "sctp"}
 SEQ_MOD = 1 << 32
 DATA_PROTOCOLS = frozenset((6, 17, 33, 132))  # TCP, UDP, DCCP, SCTP
-ETHERNET_BLANK = bytes(14)
 FlowKey = tuple[bytes, int, bytes, int]  # source address and port, destination address and port
 
 
@@ -147,11 +145,10 @@ def message_fields(msg: Message) -> dict[str, Any]:
 
 
 def is_membership(packet: bytes, family: int) -> bool:
-    """The node's own test (Node.tap_frames): IGMP by IP protocol, MLD by is_mld (which
-    reads a TAP frame, hence the blank Ethernet header)."""
+    """The node's own test (Node.tap_frames): IGMP by IP protocol, MLD by is_mld."""
     if family == 4:
         return len(packet) >= 20 and packet[9] == PROTO_IGMP
-    return len(packet) >= 40 and is_mld(ETHERNET_BLANK + packet)
+    return len(packet) >= 40 and is_mld(packet, 0)
 
 
 # -- peer messages -----------------------------------------------------------------

@@ -44,13 +44,14 @@ MLD_TYPES = frozenset((130, 131, 132, 143))
 LINK_LOCAL_V4 = b"\xe0\x00\x00"
 
 
-def is_mld(frame: bytes) -> bool:
-    """Whether an IPv6 frame carries MLD: ICMPv6 of an MLD type, directly or after a
-    hop-by-hop header (where MLD's Router Alert lives)."""
-    next_header, offset = frame[20], 54
-    if next_header == NH_HOP_BY_HOP and len(frame) >= 56:
-        next_header, offset = frame[54], 54 + (frame[55] + 1) * 8
-    return next_header == NH_ICMPV6 and len(frame) > offset and frame[offset] in MLD_TYPES
+def is_mld(buf: bytes, ip_offset: int = 14) -> bool:
+    """Whether the IPv6 packet at `ip_offset` of `buf` (a frame by default) carries MLD:
+    ICMPv6 of an MLD type, directly or after a hop-by-hop header (where MLD's Router
+    Alert lives)."""
+    next_header, offset = buf[ip_offset + 6], ip_offset + 40
+    if next_header == NH_HOP_BY_HOP and len(buf) >= offset + 2:
+        next_header, offset = buf[offset], offset + (buf[offset + 1] + 1) * 8
+    return next_header == NH_ICMPV6 and len(buf) > offset and buf[offset] in MLD_TYPES
 
 
 def carried(group: bytes) -> bool:
@@ -121,9 +122,12 @@ class Node:
         self._membership(self.igmp.stop(now), now)
         self._membership(self.mld.stop(now), now)
 
-    def new_link(self, peer: str | None, now: float, address: str | None = None) -> PeerLink:
+    def new_link(
+        self, peer: str | None, now: float, address: str | None = None, nonce: bytes | None = None
+    ) -> PeerLink:
         """A TCP connection was made: to `peer` when we dialed, from someone when None.
-        `address` is the peer's IP address, where its UDP data channel is."""
+        `address` is the peer's IP address, where its UDP data channel is; `nonce` fixes
+        the Open's nonce (replays must be deterministic), random when None."""
         overlay = self.tree.overlay
         link = PeerLink(
             self.local_open,
@@ -134,6 +138,7 @@ class Node:
             now=now,
             keys=self.keys,
             address=address,
+            nonce=nonce,
         )
         self.pending.append(link)
         return link

@@ -28,7 +28,6 @@ import struct
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 import dpkt
@@ -61,7 +60,7 @@ from mcmw.decode import (
 )
 from mcmw.node import Node
 from overlay import codec
-from overlay.link import CLOSED, PeerLink
+from overlay.link import CLOSED
 from tap.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6, router_mac
 
 ORIGIN = 1.0  # the node's clock at the first frame (a keep-alive timestamp of 0 means "none")
@@ -101,15 +100,10 @@ def route_fields(route: codec.Route) -> dict[str, Any]:
     }
 
 
-def deterministic(link: PeerLink, seed: str) -> None:
-    """Give an authenticated link a nonce derived from `seed` instead of a random one, so
-    that session keys, and so the replay's output, are the same on every run."""
-    auth = link.auth
-    if auth is None:
-        return
-    auth.nonce = hashlib.sha256(b"mcmw-replay:" + seed.encode()).digest()[:16]
-    link.local_open = replace(link.local_open, nonce=auth.nonce)
-    link.sealed = bytearray(auth.seal_open(codec.encode(link.local_open)))
+def replay_nonce(seed: str) -> bytes:
+    """An Open nonce derived from `seed` instead of a random one, so that session keys,
+    and so the replay's output, are the same on every run."""
+    return hashlib.sha256(b"mcmw-replay:" + seed.encode()).digest()[:16]
 
 
 class Wire:
@@ -122,10 +116,12 @@ class Wire:
         self.peer = Node(tree, name, now)  # never started: its segment is empty
         me = tree.nodes[node.name].listen[0]
         there = tree.nodes[name].listen[0]
-        self.link = node.new_link(name if dials else None, now, address=there)
-        self.peer_link = self.peer.new_link(None if dials else node.name, now, address=me)
-        deterministic(self.link, f"{node.name}>{name}")
-        deterministic(self.peer_link, f"{name}>{node.name}")
+        self.link = node.new_link(
+            name if dials else None, now, address=there, nonce=replay_nonce(f"{node.name}>{name}")
+        )
+        self.peer_link = self.peer.new_link(
+            None if dials else node.name, now, address=me, nonce=replay_nonce(f"{name}>{node.name}")
+        )
         self.flow = flow_for(tree, node.name, name, dials, index)
         self.udp_ends = ((me, tree.nodes[node.name].udp or 0), (there, tree.nodes[name].udp or 0))
         self.macs = (router_mac(node.name), router_mac(name))

@@ -72,7 +72,7 @@ def _seal(message: bytes | bytearray, key_id: int, seq: int, key: bytes) -> byte
     return signed + hmac.digest(key, signed, "sha256")
 
 
-def _split(message: bytes) -> tuple[bytes, int, int, bytes]:
+def split_integrity(message: bytes) -> tuple[bytes, int, int, bytes]:
     """(message without its Integrity object, key id, seq, digest); CodecError if absent."""
     if len(message) < HEADER_LEN + INTEGRITY_LEN:
         raise IntegrityError("integrity object missing")
@@ -104,7 +104,7 @@ class Authenticator:
     def unseal_open(self, message: bytes) -> tuple[bytes, int]:
         """Verify a message sealed with a pre-shared key (the peer's Open, or its Close
         before a session); return it without the Integrity object, and the key id."""
-        inner, key_id, _, digest = _split(message)
+        inner, key_id, _, digest = split_integrity(message)
         key = self.keys.get(key_id)
         if key is None:
             raise IntegrityError(f"integrity: unknown key id {key_id}")
@@ -150,7 +150,7 @@ class Authenticator:
     def _verify(self, message: bytes) -> tuple[bytes, int]:
         if self.session_key is None:
             raise IntegrityError("integrity: message before the session key")
-        inner, key_id, seq, digest = _split(message)
+        inner, key_id, seq, digest = split_integrity(message)
         expected = hmac.digest(self.session_key, message[: -DIGEST_LEN], "sha256")
         if key_id != 0 or not hmac.compare_digest(expected, digest):
             raise IntegrityError("integrity: bad HMAC")

@@ -36,13 +36,14 @@ class PeerLink:
         now: float,
         keys: dict[int, bytes] | None = None,
         address: str | None = None,
+        nonce: bytes | None = None,
     ) -> None:
         self.peer = peer  # known up front when dialing; learned from Open when accepting
         self.dialer = dialer
         self.address = address  # the peer's IP address, for the UDP channel
         self.keepalive_interval = keepalive_interval
         self.dead_interval = dead_interval
-        self.auth = Authenticator(keys, secrets.token_bytes(16)) if keys else None
+        self.auth = Authenticator(keys, nonce or secrets.token_bytes(16)) if keys else None
         self.local_open = replace(local_open, nonce=self.auth.nonce) if self.auth else local_open
         self.state = OPENING
         self.sealed = bytearray()  # ready for the stream: Opens, and Closes before a session

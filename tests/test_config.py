@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -654,12 +657,23 @@ def test_directory(tmp_path: Path) -> None:
         load_tree(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE)
-    path.chmod(0)
-    with pytest.raises(ConfigError, match="cannot read: Permission denied"):
-        load_tree(path)
+def test_unreadable_file() -> None:
+    """What a user who may not read the file sees from `mcmw check`. Root reads any file,
+    so as root the check runs as nobody (in a directory nobody may enter)."""
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        path = Path(directory) / "tree.yaml"
+        path.write_text(BASE)
+        path.chmod(0)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        result = subprocess.run(
+            [*drop, sys.executable, "-m", "mcmw", "check", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr == f"mcmw check: {path}: cannot read: Permission denied\n"
 
 
 @pytest.mark.parametrize(
