@@ -28,6 +28,18 @@ log = logging.getLogger("mcmw")
 
 TICK = 0.05  # timer resolution, seconds
 TAP_BATCH = 256  # frames read per wake-up before others get a turn
+# Adaptive read moderation on the TAP. Each wake-up of the loop costs far more than the
+# frames it moves (epoll, the callback, the read that ends in EAGAIN, one send, and on the
+# peer one recv): at a moderate rate a wake-up finds one or two frames and that cost is
+# paid per packet. So after a wake-up that found fewer than SMALL_BATCH frames, the TAP is
+# not watched for MODERATION seconds; the next wake-up then carries ~rate x MODERATION
+# frames, and the peer's wake-ups as many. At high rates batches reach SMALL_BATCH and
+# reading goes on at once, so the peak rate is kept (the TAP queue, 1000 frames, is not
+# at risk while rate x MODERATION stays under it). The price is at most MODERATION (plus
+# the loop's timer slack, about 1 ms) of added latency at the node that reads the frame;
+# see docs/performance.md. 1 ms is libuv's timer resolution, and nothing for media.
+MODERATION = 0.001  # seconds
+SMALL_BATCH = 32  # frames
 RECV_SIZE = 256 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
@@ -62,6 +74,7 @@ class Runtime:
         self.udp: socket.socket | None = None
         self.stopping = asyncio.Event()
         self.dialers: dict[str, asyncio.Task[None]] = {}
+        self.tap_paused: asyncio.TimerHandle | None = None  # read moderation under way
         self.control = ControlServer(socket_path, self.status)
 
     # -- setup and teardown -------------------------------------------------------
@@ -92,6 +105,8 @@ class Runtime:
             ticker.cancel()
             await self._shutdown()
         finally:
+            if self.tap_paused is not None:
+                self.tap_paused.cancel()
             loop.remove_reader(self.tap.fd)
             self.tap.close()
             await self.control.stop()
@@ -186,6 +201,15 @@ class Runtime:
         if frames:
             self.node.tap_frames(frames, time.monotonic())
             self._flush()
+            if len(frames) < SMALL_BATCH:
+                # A small batch: let frames gather for a while (read moderation, above).
+                self.loop.remove_reader(self.tap.fd)
+                self.tap_paused = self.loop.call_later(MODERATION, self._tap_resume)
+
+    def _tap_resume(self) -> None:
+        self.tap_paused = None
+        if self.tap.fd >= 0:  # not closed while paused
+            self.loop.add_reader(self.tap.fd, self._tap_readable)
 
     def _accept(self) -> None:
         assert self.listener is not None
