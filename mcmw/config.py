@@ -20,6 +20,7 @@ import yaml
 
 from igmp.params import IGMP_DEFAULTS, MLD_DEFAULTS, QuerierParams
 from mcmw.mapping import MAPPINGS
+from overlay.auth import KeyFileError, load_keys
 
 __all__ = [
     "MAPPINGS",
@@ -450,6 +451,12 @@ class _TreeReader:
             raise self.fail(at, f"cannot read '{text}': {exc.strerror or exc}") from None
         if not data.strip():
             raise self.fail(at, f"'{text}' is empty; it must hold the shared key")
+        try:
+            # Read as the node will: a file `check` accepts must never stop `run`.
+            load_keys(path)
+        except KeyFileError as exc:
+            why = re.sub(r"^(\d+):", r"line \1:", str(exc).removeprefix(f"{path}:").strip())
+            raise self.fail(at, f"'{text}'{' ' if why.startswith('line') else ': '}{why}") from None
         if path.stat().st_mode & 0o077:
             self.warn(at, f"'{text}' can be read by other users (chmod 600 {path})")
         return path

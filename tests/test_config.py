@@ -128,7 +128,7 @@ def test_one_node_tree(tmp_path: Path) -> None:
 
 
 def test_optional_keys(tmp_path: Path) -> None:
-    (tmp_path / "psk.key").write_text("correct horse battery staple\n")
+    (tmp_path / "psk.key").write_text("correct-horse-battery-staple\n")
     (tmp_path / "psk.key").chmod(0o600)
     text = edit(
         "  mapping: modulo\n",
@@ -157,7 +157,7 @@ def test_optional_keys(tmp_path: Path) -> None:
 def test_secret_file_is_relative_to_the_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sub = tmp_path / "site"
     sub.mkdir()
-    (sub / "psk.key").write_text("k")
+    (sub / "psk.key").write_text("k" * 16)
     path = write(sub, edit("  mapping: modulo\n", "  mapping: modulo\n  secret_file: psk.key\n"))
     monkeypatch.chdir(tmp_path)  # the key is not in the current directory
     assert load_tree(Path("site") / path.name).overlay.secret_file == sub / "psk.key"
@@ -208,7 +208,7 @@ def test_robustness_one_is_a_warning(tmp_path: Path) -> None:
 
 def test_small_mtu_and_open_secret_are_warnings(tmp_path: Path) -> None:
     key = tmp_path / "psk.key"
-    key.write_text("k")
+    key.write_text("k" * 16)
     key.chmod(0o644)
     text = edit("  mapping: modulo\n", "  mapping: modulo\n  secret_file: psk.key\n")
     text = edit("address: 169.254.1.2/16}", "address: 169.254.1.2/16, mtu: 576}", text)
@@ -613,6 +613,65 @@ def test_secret_file_empty_and_directory(tmp_path: Path) -> None:
     for name, why in (("empty.key", "is empty"), ("keys", "is a directory")):
         text = edit("  mapping: modulo\n", f"  mapping: modulo\n  secret_file: {name}\n")
         assert error_of(tmp_path, text).startswith(f":4: overlay.secret_file: '{name}' {why}")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("short\n", "'psk.key' line 1: key 1 is shorter than 16 characters"),
+        (
+            "1 0123456789abcdef\nnot a key line\n",
+            "'psk.key' line 2: expected 'KEYID SECRET' (key id 1 to 2^32-1)",
+        ),
+        ("1 0123456789abcdef\n1 fedcba9876543210\n", "'psk.key' line 2: key id 1 appears twice"),
+        ("0 0123456789abcdef\n", "'psk.key' line 1: expected 'KEYID SECRET' (key id 1 to 2^32-1)"),
+        ("# only a comment\n", "'psk.key': no key in the file"),
+    ],
+)
+def test_secret_file_holds_keys_the_node_accepts(tmp_path: Path, content: str, why: str) -> None:
+    """`check` reads the key file as `run` will, so a file it accepts never stops a node."""
+    (tmp_path / "psk.key").write_text(content)
+    text = edit("  mapping: modulo\n", "  mapping: modulo\n  secret_file: psk.key\n")
+    assert error_of(tmp_path, text) == f":4: overlay.secret_file: {why}"
+
+
+def test_two_keys_for_a_roll(tmp_path: Path) -> None:
+    (tmp_path / "psk.key").write_text("# new key first: it signs; the old one is still accepted\n"
+                                      "2 the-new-key-0123456789\n1 the-old-key-0123456789\n")
+    (tmp_path / "psk.key").chmod(0o600)
+    text = edit("  mapping: modulo\n", "  mapping: modulo\n  secret_file: psk.key\n")
+    assert load_tree(write(tmp_path, text)).overlay.secret_file == tmp_path / "psk.key"
+
+
+def test_boundaries_and_udp_max_message(tmp_path: Path) -> None:
+    text = edit("    udp: 7001\n", "    udp: 7001\n    boundaries: [239.192.0.0/14, ff05::/16]\n")
+    text = edit("  mapping: modulo\n", "  mapping: modulo\n  udp_max_message: 1200\n", text)
+    tree = load_tree(write(tmp_path, text))
+    assert tree.nodes["alice"].boundaries == (
+        ipaddress.ip_network("239.192.0.0/14"),
+        ipaddress.ip_network("ff05::/16"),
+    )
+    assert tree.nodes["bob"].boundaries == ()
+    assert tree.overlay.udp_max_message == 1200
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("    udp: 7001\n", "    udp: 7001\n    boundaries: [10.0.0.0/8]\n",
+         ":8: nodes.alice.boundaries[0]: '10.0.0.0/8' is not a multicast prefix"),
+        ("    udp: 7001\n", "    udp: 7001\n    boundaries: [239.192.0.0/33]\n",
+         ":8: nodes.alice.boundaries[0]: '239.192.0.0/33' is not a prefix"),
+        ("    udp: 7001\n", "    udp: 7001\n    boundaries: 239.192.0.0/14\n",
+         ":8: nodes.alice.boundaries: expected a list"),
+        ("  mapping: modulo\n", "  mapping: modulo\n  udp_max_message: 511\n",
+         ":4: overlay.udp_max_message: 511 is out of range"),
+        ("  mapping: modulo\n", "  mapping: modulo\n  udp_max_message: 65508\n",
+         ":4: overlay.udp_max_message: 65508 is out of range"),
+    ],
+)
+def test_boundaries_and_udp_max_message_rules(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert error_of(tmp_path, edit(old, new)).startswith(expected)
 
 
 def test_cycle_names_the_closing_link(tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ def documented_keys() -> set[str]:
 
 def write_tree(tmp_path: Path, doc: dict[str, Any]) -> Path:
     key = tmp_path / "psk.key"
-    key.write_text("a shared secret\n")
+    key.write_text("1 a-shared-secret-of-16-chars\n")  # a key the node accepts
     key.chmod(0o600)
     path = tmp_path / "tree.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
