@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from igmp import fpcode
+from igmp import codec_common, fpcode
 from igmp.checksum import inet_checksum
 from igmp.errors import Malformed
 from igmp.messages import GroupRecord, Message
@@ -13,6 +13,7 @@ ALL_SYSTEMS = bytes((224, 0, 0, 1))
 ALL_ROUTERS = bytes((224, 0, 0, 2))
 ALL_V3_ROUTERS = bytes((224, 0, 0, 22))
 ANY = bytes(4)
+ANY_GROUP = bytes((224, 0, 0, 0))  # the base address: reserved, never a group
 
 QUERY = 0x11
 V1_REPORT = 0x12
@@ -26,6 +27,25 @@ ROUTER_ALERT = b"\x94\x04\x00\x00"
 
 def is_multicast(addr: bytes) -> bool:
     return len(addr) == 4 and 224 <= addr[0] <= 239
+
+
+def reportable(group: bytes) -> bool:
+    """RFC 2236 6: 224.0.0.0 and 224.0.0.1 (all systems) are never reported."""
+    return is_multicast(group) and group != ALL_SYSTEMS and group != ANY_GROUP
+
+
+FAMILY = codec_common.Family(
+    addr_len=4,
+    any=ANY,
+    all_systems=ALL_SYSTEMS,
+    all_routers=ALL_ROUTERS,
+    report_routers=ALL_V3_ROUTERS,
+    query_type=QUERY,
+    report_type=V3_REPORT,
+    record_version=3,
+    is_multicast=is_multicast,
+    reportable=reportable,
+)
 
 
 def _ip_header(src: bytes, dst: bytes, payload_len: int, ttl: int = 1,
@@ -98,7 +118,7 @@ def parse_igmp(data: bytes, src: bytes, dst: bytes, ttl: int, alert: bool) -> Me
         mtype = "leave" if kind == V2_LEAVE else "report"
         msg = Message(version=version, type=mtype, raw_type=kind, group=group, **base)
     elif kind == V3_REPORT:
-        msg = _parse_v3_report(data, base)
+        msg = codec_common.parse_records(FAMILY, data, base)
     else:
         partial = Message(version=0, type="unknown", raw_type=kind, **base)
         raise Malformed("unknown_type", f"IGMP type 0x{kind:02x} code {code}", partial)
@@ -114,75 +134,24 @@ def _parse_query(data: bytes, base: dict) -> Message:
         version = 1 if code == 0 else 2
         return Message(version=version, type="query", raw_type=QUERY, group=group,
                        max_resp_s=code / 10 if version == 2 else 10.0, **base)
-    partial = Message(version=0, type="query", raw_type=QUERY, group=group, **base)
     if len(data) < 12:
         # RFC 3376 7.1: queries of other lengths (9-11) must be ignored.
+        partial = Message(version=0, type="query", raw_type=QUERY, group=group, **base)
         raise Malformed("truncated", f"query length {len(data)}", partial)
-    flags, qqic, count = struct.unpack_from("!BBH", data, 8)
-    end = 12 + 4 * count
-    if end > len(data):
-        raise Malformed("truncated", f"query with {count} sources in {len(data)} bytes", partial)
-    sources = tuple(bytes(data[i:i + 4]) for i in range(12, end, 4))
-    return Message(version=3, type="query", raw_type=QUERY, group=group,
-                   max_resp_s=fpcode.decode8(code) / 10, s_flag=bool(flags & 0x08),
-                   qrv=flags & 0x07, qqic=qqic, qqi_s=float(fpcode.decode8(qqic)),
-                   sources=sources, **base)
-
-
-def _parse_v3_report(data: bytes, base: dict) -> Message:
-    (count,) = struct.unpack_from("!H", data, 6)
-    records: list[GroupRecord] = []
-    offset = 8
-    for _ in range(count):
-        if offset + 8 > len(data):
-            partial = Message(version=3, type="report", raw_type=V3_REPORT,
-                              records=tuple(records), **base)
-            raise Malformed("truncated", f"record {len(records) + 1} of {count}", partial)
-        rtype, aux, nsrc = struct.unpack_from("!BBH", data, offset)
-        group = bytes(data[offset + 4:offset + 8])
-        end = offset + 8 + 4 * nsrc + 4 * aux
-        if end > len(data):
-            partial = Message(version=3, type="report", raw_type=V3_REPORT,
-                              records=tuple(records), **base)
-            raise Malformed("truncated", f"record {len(records) + 1} sources", partial)
-        first = offset + 8
-        sources = tuple(bytes(data[i:i + 4]) for i in range(first, first + 4 * nsrc, 4))
-        records.append(GroupRecord(rtype, group, sources, aux))
-        offset = end
-    return Message(version=3, type="report", raw_type=V3_REPORT, records=tuple(records), **base)
+    return codec_common.parse_source_query(FAMILY, data, 8, group, fpcode.decode8(code) / 10, base)
 
 
 def validate(msg: Message, own: bytes | None = None) -> str | None:
     """Router acceptance checks beyond syntax; the drop reason, or None if acceptable.
 
-    `own` is the router's address: v3 reports unicast to it are accepted too.
+    `own` is the router's address: reports unicast to it are accepted too.
     """
     if msg.ttl != 1:
         return "bad_ttl"
     src = msg.src
     if src[0] >= 224 or src[0] == 127:
         return "bad_source"  # multicast, broadcast, loopback never send membership
-    group = msg.group or ANY
-    if msg.type == "query":
-        if group != ANY and not is_multicast(group):
-            return "bad_group"
-        if msg.dst != ALL_SYSTEMS and msg.dst != group:
-            return "bad_destination"
-        return None
-    if msg.type == "report" and msg.version == 3:
-        if msg.dst != ALL_V3_ROUTERS and msg.dst != own:
-            return "bad_destination"
-        return None
-    if not is_multicast(group) or group[:3] == b"\xe0\x00\x00" and group[3] <= 1:
-        return "bad_group"  # 224.0.0.0 and 224.0.0.1 are never reported (RFC 2236 6)
-    if msg.type == "leave":
-        # RFC 2236 3: Leaves go to all-routers; some hosts send them to the group.
-        if msg.dst != ALL_ROUTERS and msg.dst != group:
-            return "bad_destination"
-        return None
-    if msg.dst != group and msg.dst != own:
-        return "bad_destination"  # v1/v2 reports go to the group they report
-    return None
+    return codec_common.check_addresses(FAMILY, msg, own)
 
 
 def max_sources(mtu: int = 1500) -> int:
@@ -201,13 +170,12 @@ def build_query(
     qqi_s: float = 125.0,
 ) -> tuple[bytes, bytes]:
     """A complete IPv4 query packet and its destination (224.0.0.1, or the group)."""
-    group_field = group or ANY
-    dst = group if group else ALL_SYSTEMS
+    group_field, dst = codec_common.query_destination(FAMILY, group)
     tenths = int(max_resp_s * 10 + 1e-6)
     if version >= 3:
-        flags = (0x08 if s_flag else 0) | (qrv if 0 < qrv <= 7 else 0)
-        body = struct.pack("!BBH4sBBH", QUERY, fpcode.encode8(tenths), 0, group_field, flags,
-                           fpcode.encode8(int(qqi_s + 1e-6)), len(sources))
+        body = struct.pack("!BBH4sBBH", QUERY, fpcode.encode8(tenths), 0, group_field,
+                           codec_common.query_flags(s_flag, qrv), fpcode.encode8(int(qqi_s + 1e-6)),
+                           len(sources))
         body += b"".join(sources)
     else:
         # v2: Max Resp Time in tenths, 1..255; v1: zero, which is how hosts tell v1.
@@ -238,11 +206,8 @@ def build_report(
     For tests, tools and replays; the router itself only sends queries.
     """
     if version == 3:
-        body = struct.pack("!BBHHH", V3_REPORT, 0, 0, 0, len(records))
-        for r in records:
-            body += struct.pack("!BBH4s", r.type, r.aux_len, len(r.sources), r.group)
-            body += b"".join(r.sources) + bytes(4 * r.aux_len)
-        return build_packet(_with_checksum(body), src, dst or ALL_V3_ROUTERS)
+        body = _with_checksum(codec_common.records_body(FAMILY, records))
+        return build_packet(body, src, dst or ALL_V3_ROUTERS)
     assert group is not None
     kind = V1_REPORT if version == 1 else V2_REPORT
     body = _with_checksum(struct.pack("!BBH4s", kind, 0, 0, group))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from igmp import fpcode
+from igmp import codec_common, fpcode
 from igmp.checksum import inet_checksum
 from igmp.errors import Malformed
 from igmp.messages import GroupRecord, Message
@@ -33,6 +33,25 @@ def is_multicast(addr: bytes) -> bool:
 
 def is_link_local(addr: bytes) -> bool:
     return len(addr) == 16 and addr[0] == 0xFE and addr[1] & 0xC0 == 0x80
+
+
+def reportable(group: bytes) -> bool:
+    """RFC 3810 6: no messages for scopes 0 and 1, nor for ff02::1 (all nodes)."""
+    return is_multicast(group) and (group[1] & 0x0F) > 1 and group != ALL_NODES
+
+
+FAMILY = codec_common.Family(
+    addr_len=16,
+    any=ANY,
+    all_systems=ALL_NODES,
+    all_routers=ALL_ROUTERS,
+    report_routers=ALL_MLDV2_ROUTERS,
+    query_type=QUERY,
+    report_type=V2_REPORT,
+    record_version=2,
+    is_multicast=is_multicast,
+    reportable=reportable,
+)
 
 
 def _icmp6_checksum(src: bytes, dst: bytes, data: bytes) -> int:
@@ -104,7 +123,9 @@ def parse_mld(data: bytes, src: bytes, dst: bytes, hlim: int, alert: bool) -> Me
         mtype = "done" if kind == V1_DONE else "report"
         msg = Message(version=1, type=mtype, raw_type=kind, group=bytes(data[8:24]), **base)
     elif kind == V2_REPORT:
-        msg = _parse_v2_report(data, base)
+        if len(data) < 8:
+            raise Malformed("truncated", f"MLDv2 report length {len(data)}")
+        msg = codec_common.parse_records(FAMILY, data, base)
     else:
         partial = Message(version=0, type="unknown", raw_type=kind, **base)
         raise Malformed("unknown_type", f"ICMPv6 type {kind}", partial)
@@ -121,49 +142,11 @@ def _parse_query(data: bytes, base: dict) -> Message:
     if len(data) == 24:
         return Message(version=1, type="query", raw_type=QUERY, group=group,
                        max_resp_s=code / 1000, **base)
-    partial = Message(version=0, type="query", raw_type=QUERY, group=group, **base)
     if len(data) < 28:
         # RFC 3810 8.1: queries of other lengths must be ignored.
+        partial = Message(version=0, type="query", raw_type=QUERY, group=group, **base)
         raise Malformed("truncated", f"query length {len(data)}", partial)
-    flags, qqic, count = struct.unpack_from("!BBH", data, 24)
-    end = 28 + 16 * count
-    if end > len(data):
-        raise Malformed("truncated", f"query with {count} sources in {len(data)} bytes", partial)
-    sources = tuple(bytes(data[i:i + 16]) for i in range(28, end, 16))
-    return Message(version=2, type="query", raw_type=QUERY, group=group,
-                   max_resp_s=fpcode.decode16(code) / 1000, s_flag=bool(flags & 0x08),
-                   qrv=flags & 0x07, qqic=qqic, qqi_s=float(fpcode.decode8(qqic)),
-                   sources=sources, **base)
-
-
-def _parse_v2_report(data: bytes, base: dict) -> Message:
-    if len(data) < 8:
-        raise Malformed("truncated", f"MLDv2 report length {len(data)}")
-    (count,) = struct.unpack_from("!H", data, 6)
-    records: list[GroupRecord] = []
-    offset = 8
-    for _ in range(count):
-        if offset + 20 > len(data):
-            partial = Message(version=2, type="report", raw_type=V2_REPORT,
-                              records=tuple(records), **base)
-            raise Malformed("truncated", f"record {len(records) + 1} of {count}", partial)
-        rtype, aux, nsrc = struct.unpack_from("!BBH", data, offset)
-        group = bytes(data[offset + 4:offset + 20])
-        first = offset + 20
-        end = first + 16 * nsrc + 4 * aux
-        if end > len(data):
-            partial = Message(version=2, type="report", raw_type=V2_REPORT,
-                              records=tuple(records), **base)
-            raise Malformed("truncated", f"record {len(records) + 1} sources", partial)
-        sources = tuple(bytes(data[i:i + 16]) for i in range(first, first + 16 * nsrc, 16))
-        records.append(GroupRecord(rtype, group, sources, aux))
-        offset = end
-    return Message(version=2, type="report", raw_type=V2_REPORT, records=tuple(records), **base)
-
-
-def reportable(group: bytes) -> bool:
-    """RFC 3810 6: no messages for scopes 0 and 1, nor for ff02::1 (all nodes)."""
-    return is_multicast(group) and (group[1] & 0x0F) > 1 and group != ALL_NODES
+    return codec_common.parse_source_query(FAMILY, data, 24, group, fpcode.decode16(code) / 1000, base)
 
 
 def validate(msg: Message, own: bytes | None = None) -> str | None:
@@ -174,26 +157,7 @@ def validate(msg: Message, own: bytes | None = None) -> str | None:
         return "bad_ttl"
     if not msg.router_alert:
         return "no_router_alert"
-    group = msg.group or ANY
-    if msg.type == "query":
-        if group != ANY and not is_multicast(group):
-            return "bad_group"
-        if msg.dst != ALL_NODES and msg.dst != group:
-            return "bad_destination"
-        return None
-    if msg.type == "report" and msg.version == 2:
-        if msg.dst != ALL_MLDV2_ROUTERS and msg.dst != own:
-            return "bad_destination"
-        return None
-    if not reportable(group):
-        return "bad_group"
-    if msg.type == "done":
-        if msg.dst != ALL_ROUTERS and msg.dst != group:
-            return "bad_destination"
-        return None
-    if msg.dst != group and msg.dst != own:
-        return "bad_destination"
-    return None
+    return codec_common.check_addresses(FAMILY, msg, own)
 
 
 def max_sources(mtu: int = 1500) -> int:
@@ -212,13 +176,12 @@ def build_query(
     qqi_s: float = 125.0,
 ) -> tuple[bytes, bytes]:
     """A complete IPv6 query packet and its destination (ff02::1, or the group)."""
-    group_field = group or ANY
-    dst = group if group else ALL_NODES
+    group_field, dst = codec_common.query_destination(FAMILY, group)
     ms = int(max_resp_s * 1000 + 1e-6)
     if version >= 2:
-        flags = (0x08 if s_flag else 0) | (qrv if 0 < qrv <= 7 else 0)
         body = struct.pack("!BBHHH16sBBH", QUERY, 0, 0, fpcode.encode16(ms), 0, group_field,
-                           flags, fpcode.encode8(int(qqi_s + 1e-6)), len(sources))
+                           codec_common.query_flags(s_flag, qrv), fpcode.encode8(int(qqi_s + 1e-6)),
+                           len(sources))
         body += b"".join(sources)
     else:
         body = struct.pack("!BBHHH16s", QUERY, 0, 0, min(ms, 0xFFFF), 0, group_field)
@@ -247,11 +210,7 @@ def build_report(
     For tests, tools and replays; the router itself only sends queries.
     """
     if version == 2:
-        body = struct.pack("!BBHHH", V2_REPORT, 0, 0, 0, len(records))
-        for r in records:
-            body += struct.pack("!BBH16s", r.type, r.aux_len, len(r.sources), r.group)
-            body += b"".join(r.sources) + bytes(4 * r.aux_len)
-        return build_packet(body, src, dst or ALL_MLDV2_ROUTERS)
+        return build_packet(codec_common.records_body(FAMILY, records), src, dst or ALL_MLDV2_ROUTERS)
     assert group is not None
     body = struct.pack("!BBHHH16s", V1_REPORT, 0, 0, 0, 0, group)
     return build_packet(body, src, dst or group)

@@ -57,7 +57,7 @@ class Querier:
         self._startup_left = 0
         self._other_querier_until: float | None = None
         self._unspecified = bytes(len(address))
-        self._v3 = 3 if family == 4 else 2  # the version whose reports carry records
+        self._v3 = self.codec.FAMILY.record_version  # the version whose reports carry records
 
     # -- interface ------------------------------------------------------------
 
@@ -175,15 +175,10 @@ class Querier:
             if rec.type not in RECORD_NAMES:
                 self.drops["unknown_type"] += 1  # RFC 3376 4.2.12: ignore the record
                 continue
-            if not self._reportable(rec.group):
+            if not self.codec.reportable(rec.group):
                 self.drops["bad_group"] += 1
                 continue
             self.table.record(rec.group, rec.type, rec.sources, now)
-
-    def _reportable(self, group: bytes) -> bool:
-        if self.family == 6:
-            return codec_mld.reportable(group)
-        return codec_igmp.is_multicast(group) and group not in (bytes(4), codec_igmp.ALL_SYSTEMS)
 
     def _on_query(self, msg: Message, now: float) -> None:
         src = msg.src

@@ -14,14 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from igmp.actions import MembershipChange
-from igmp.messages import (
-    ALLOW_NEW_SOURCES,
-    BLOCK_OLD_SOURCES,
-    CHANGE_TO_EXCLUDE_MODE,
-    CHANGE_TO_INCLUDE_MODE,
-    MODE_IS_EXCLUDE,
-    MODE_IS_INCLUDE,
-)
+from igmp.messages import ALLOW, BLOCK, IS_EX, IS_IN, TO_EX, TO_IN
 from igmp.params import QuerierParams
 from igmp.timers import TimerQueue
 
@@ -152,6 +145,16 @@ class GroupTable:
     def _limit(self, g: Group, fresh: list[bytes]) -> list[bytes]:
         return fresh[: self._room(g, len(fresh))]
 
+    def _set_timers(self, g: Group, sources: list[bytes], deadline: float) -> None:
+        """(B)=GMI in both modes: known sources get `deadline` (in EXCLUDE mode that moves
+        a blocked one back to the requested list), new ones too while max_sources allows."""
+        known = g.sources
+        for s in sources:
+            if s in known:
+                known[s] = deadline
+        for s in self._limit(g, [s for s in sources if s not in known]):
+            known[s] = deadline
+
     # -- inputs ---------------------------------------------------------------
 
     def record(self, group: bytes, rtype: int, sources: tuple[bytes, ...] | list[bytes],
@@ -159,8 +162,8 @@ class GroupTable:
         """Apply one current-state or state-change record (RFC 3376 6.4.1, 6.4.2)."""
         g = self.groups.get(group)
         if g is None:
-            if rtype not in (MODE_IS_EXCLUDE, CHANGE_TO_EXCLUDE_MODE) and (
-                not sources or rtype == BLOCK_OLD_SOURCES
+            if rtype not in (IS_EX, TO_EX) and (
+                not sources or rtype == BLOCK
             ):
                 return  # INCLUDE {} stays INCLUDE {}: nothing to record or query
             if (g := self._create(group)) is None:
@@ -170,10 +173,10 @@ class GroupTable:
             # RFC 3376 7.3.2: with older hosts present, BLOCK is ignored and source
             # lists of TO_EX are ignored. IS_EX too: an older host wants every source,
             # so no exclude list may block one.
-            if rtype == BLOCK_OLD_SOURCES:
+            if rtype == BLOCK:
                 self._cleanup(g)
                 return
-            if rtype in (MODE_IS_EXCLUDE, CHANGE_TO_EXCLUDE_MODE):
+            if rtype in (IS_EX, TO_EX):
                 sources = ()
         b = list(dict.fromkeys(sources))  # keep order, drop duplicates
         gmi = now + self.gmi
@@ -186,21 +189,17 @@ class GroupTable:
     def _include_mode(self, g: Group, rtype: int, b: list[bytes], gmi: float,
                       now: float) -> None:
         a = g.sources
-        if rtype in (MODE_IS_INCLUDE, ALLOW_NEW_SOURCES, CHANGE_TO_INCLUDE_MODE):
+        if rtype in (IS_IN, ALLOW, TO_IN):
             # INCLUDE (A+B); (B)=GMI; for TO_IN also Send Q(G,A-B)
             bset = set(b)
             a_minus_b = [s for s in a if s not in bset]
-            for s in b:
-                if s in a:
-                    a[s] = gmi
-            for s in self._limit(g, [s for s in b if s not in a]):
-                a[s] = gmi
-            if rtype == CHANGE_TO_INCLUDE_MODE:
+            self._set_timers(g, b, gmi)
+            if rtype == TO_IN:
                 self._send_q_sources(g, a_minus_b, now)
-        elif rtype == BLOCK_OLD_SOURCES:
+        elif rtype == BLOCK:
             # INCLUDE (A); Send Q(G,A*B)
             self._send_q_sources(g, [s for s in b if s in a], now)
-        elif rtype in (MODE_IS_EXCLUDE, CHANGE_TO_EXCLUDE_MODE):
+        elif rtype in (IS_EX, TO_EX):
             # EXCLUDE (A*B, B-A); (B-A)=0; Delete (A-B); Group Timer=GMI;
             # for TO_EX also Send Q(G,A*B)
             both = [s for s in b if s in a]
@@ -214,35 +213,34 @@ class GroupTable:
             g.rexmit = {s: n for s, n in g.rexmit.items() if s in new}
             g.mode = EXCLUDE
             g.timer = gmi
-            if rtype == CHANGE_TO_EXCLUDE_MODE:
+            if rtype == TO_EX:
                 self._send_q_sources(g, both, now)
 
     def _exclude_mode(self, g: Group, rtype: int, a: list[bytes], gmi: float,
                       now: float) -> None:
         srcs = g.sources
-        x = {s for s, t in srcs.items() if t is not None}
+        # X in table order, not as a set: a set of bytes iterates in an order that
+        # changes with PYTHONHASHSEED, and the sources of Q(G,X-A) must not (a replay
+        # gives the same bytes on every run).
+        x = [s for s, t in srcs.items() if t is not None]
         y = {s for s, t in srcs.items() if t is None}
-        if rtype in (MODE_IS_INCLUDE, ALLOW_NEW_SOURCES, CHANGE_TO_INCLUDE_MODE):
+        if rtype in (IS_IN, ALLOW, TO_IN):
             # EXCLUDE (X+A, Y-A); (A)=GMI; for TO_IN also Send Q(G,X-A), Send Q(G)
-            for s in a:
-                if s in srcs:
-                    srcs[s] = gmi
-            for s in self._limit(g, [s for s in a if s not in srcs]):
-                srcs[s] = gmi
-            if rtype == CHANGE_TO_INCLUDE_MODE:
+            self._set_timers(g, a, gmi)
+            if rtype == TO_IN:
                 aset = set(a)
                 self._send_q_sources(g, [s for s in x if s not in aset], now)
                 self._send_q_group(g, now)
-        elif rtype == BLOCK_OLD_SOURCES:
+        elif rtype == BLOCK:
             # EXCLUDE (X+(A-Y), Y); (A-X-Y)=Group Timer; Send Q(G,A-Y)
             for s in self._limit(g, [s for s in a if s not in srcs]):
                 srcs[s] = g.timer
             self._send_q_sources(g, [s for s in a if s not in y], now)
-        elif rtype in (MODE_IS_EXCLUDE, CHANGE_TO_EXCLUDE_MODE):
+        elif rtype in (IS_EX, TO_EX):
             # EXCLUDE (A-Y, Y*A); (A-X-Y)=GMI for IS_EX, =Group Timer for TO_EX;
             # Delete (X-A), (Y-A); Group Timer=GMI; for TO_EX also Send Q(G,A-Y)
             new: dict[bytes, float | None] = {}
-            fresh_timer = gmi if rtype == MODE_IS_EXCLUDE else g.timer
+            fresh_timer = gmi if rtype == IS_EX else g.timer
             for s in a:
                 if s in srcs:
                     new[s] = srcs[s]
@@ -253,7 +251,7 @@ class GroupTable:
             g.sources = new
             g.rexmit = {s: n for s, n in g.rexmit.items() if s in new}
             g.timer = gmi
-            if rtype == CHANGE_TO_EXCLUDE_MODE:
+            if rtype == TO_EX:
                 self._send_q_sources(g, [s for s in a if s not in y and s in new], now)
 
     def leave(self, group: bytes, now: float) -> None:
@@ -261,7 +259,7 @@ class GroupTable:
         g = self.groups.get(group)
         if g is None or self.level(g, now) == 1:
             return
-        self.record(group, CHANGE_TO_INCLUDE_MODE, (), now)
+        self.record(group, TO_IN, (), now)
 
     def host_seen(self, group: bytes, level: int, now: float) -> None:
         """An older-version report (level 1 or 2) for `group`: start its host timer."""
