@@ -11,6 +11,7 @@ import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from igmp.actions import MembershipChange, SendQuery
@@ -42,6 +43,21 @@ NH_HOP_BY_HOP = 0
 NH_ICMPV6 = 58
 MLD_TYPES = frozenset((130, 131, 132, 143))
 LINK_LOCAL_V4 = b"\xe0\x00\x00"
+# Remote addresses whose failed connections the status keeps: bounded, because anyone who
+# can reach the listen port can make connections fail.
+MAX_CONNECTION_ERRORS = 64
+
+
+@dataclass
+class FailedConnection:
+    """The last connection from (or to) one remote address that closed before its link came
+    up: refused Opens, failed Integrity, garbage, silence, a peer that closed first."""
+
+    node: str | None  # the neighbour dialed, or the name the peer's Open gave (None: no Open)
+    role: str  # "dial" or "accept"
+    reason: str
+    count: int  # connections from that address that failed so far
+    at: float  # when the last one failed
 
 
 def is_mld(buf: bytes, ip_offset: int = 14) -> bool:
@@ -104,7 +120,9 @@ class Node:
         # rarer events by reason, are in `counters`.
         self.delivered = self.forwarded = 0
         self.counters: Counter[str] = Counter(dropped_ttl=0, dropped_malformed=0)
-        self.last_errors: dict[str, str] = {}  # peer -> why its link last closed
+        self.last_errors: dict[str, str] = {}  # neighbour -> why its link last closed
+        # remote address -> its last connection that failed before up, oldest first
+        self.connection_errors: dict[str, FailedConnection] = {}
         self.keys = load_keys(overlay.secret_file) if overlay.secret_file else None
         self.udp_peers: dict[tuple[str, int], PeerLink] = {}  # (address, port) -> up link
         self.udp_limit = overlay.udp_max_message
@@ -151,6 +169,10 @@ class Node:
             raise ValueError("overlay settings changed; restart every node to apply them")
         if self.name not in tree.nodes:
             raise ValueError(f"node {self.name!r} is no longer in the tree")
+        # The key file is re-read, so keys roll without a restart (add the new key second,
+        # then move it first, then drop the old one, with a reload on every node each
+        # time). New connections use the new keys; up links keep their session keys.
+        keys = load_keys(tree.overlay.secret_file) if tree.overlay.secret_file else None
         ignored = []
         if tree.nodes[self.name] != self.config:
             ignored.append(f"settings of node {self.name} (restart to apply)")
@@ -162,6 +184,9 @@ class Node:
                 self._forget(link, now)
         self.tree = tree
         self.neighbours = new_neighbours
+        if keys is not None and keys != self.keys:
+            log.info("keys reloaded: ids %s, key %d signs", ", ".join(map(str, keys)), next(iter(keys)))
+        self.keys = keys
         return ignored
 
     def link_lost(self, link: PeerLink, reason: str, now: float) -> None:
@@ -170,6 +195,9 @@ class Node:
         self._forget(link, now)
 
     def _forget(self, link: PeerLink, now: float) -> None:
+        if link.forgotten:
+            return  # e.g. the transport reports the loss of a link the node closed already
+        link.forgotten = True
         if link in self.pending:
             self.pending.remove(link)
         if link.peer is not None and self.links.get(link.peer) is link:
@@ -181,6 +209,33 @@ class Node:
             for route in self.routes.values():
                 self._rebuild(route)
             self._prune()
+        else:
+            self._connection_failed(link, now)
+
+    def _connection_failed(self, link: PeerLink, now: float) -> None:
+        """A connection closed before its link came up. Its reason goes to the status by
+        remote address (the only name an unknown or unauthenticated peer has), and, for a
+        neighbour without a working link, to that neighbour's last_error."""
+        reason = link.close_reason or "closed before the link came up"
+        name = link.peer or link.open_name
+        address = link.address or "unknown"
+        self.counters["connection_errors"] += 1
+        previous = self.connection_errors.pop(address, None)  # re-inserted as the newest
+        self.connection_errors[address] = FailedConnection(
+            name,
+            "dial" if link.dialer else "accept",
+            reason,
+            (previous.count if previous else 0) + 1,
+            now,
+        )
+        while len(self.connection_errors) > MAX_CONNECTION_ERRORS:
+            del self.connection_errors[next(iter(self.connection_errors))]
+        if name in self.neighbours and name not in self.links:
+            self.last_errors[name] = reason
+        if not link.logged:
+            direction = "to" if link.dialer else "from"
+            who = "an unnamed peer" if name is None else repr(name)
+            log.warning("link %s %s at %s not established: %s", direction, who, address, reason)
 
     def expire(self, now: float) -> None:
         """Run every timer that is due."""
@@ -374,7 +429,9 @@ class Node:
                 self.counters["dropped_auth"] += 1
             else:
                 self.counters["dropped_malformed"] += 1
-            log.warning("bad message from %s: %s", link.peer or "peer", exc)
+            who = link.peer or link.open_name
+            log.warning("bad message from %s at %s: %s", who or "a peer", link.address, exc)
+            link.logged = True
             link.close(codec.CLOSE_BAD_MESSAGE, str(exc), now)
             self._forget(link, now)
             link.rx = bytearray()
@@ -391,7 +448,18 @@ class Node:
             return inner
         if link.state == CLOSED:
             return auth.unseal_open(message)[0] if auth.session_key is None else auth.unseal(message)
-        inner = auth.unseal(message)
+        try:
+            inner = auth.unseal(message)
+        except IntegrityError:
+            # A peer that refused our Open never started the session: its Close comes
+            # sealed with the pre-shared key. Take it, so its reason is heard, not lost
+            # behind a "bad HMAC" of our own.
+            if link.state != CONFIRMING or message[1] != codec.OP_CLOSE:
+                raise
+            try:
+                return auth.unseal_open(message)[0]
+            except IntegrityError:
+                raise IntegrityError("integrity: bad HMAC") from None
         if link.state == CONFIRMING:
             self._link_up(link, now)
         return inner
@@ -462,8 +530,8 @@ class Node:
             expected = {peer for peer, dials in self.neighbours.items() if not dials}
             problem = link.on_open(msg, expected, now, link.peer_key_id)
             if problem is not None:
-                log.warning("refused link from %s: %s", msg.node, problem)
-                self.last_errors[msg.node] = problem
+                log.warning("refused link from %r at %s: %s", msg.node, link.address, problem)
+                link.logged = True
                 self._forget(link, now)
             elif link.state == UP:
                 self._link_up(link, now)

@@ -1,4 +1,17 @@
-"""The status document of a node (SPEC.md "Status") and its human-readable form."""
+"""The status document of a node (SPEC.md "Status") and its human-readable form.
+
+Beyond SPEC.md's keys (docs/operations.md lists them all), for scripts:
+
+- `peers[].last_error`: for a neighbour that is down, why its last connection closed,
+  whether it had been up (dead interval, Close with the peer's reason) or failed before
+  (a mismatched Open, refused either way, failed Integrity, the peer hanging up).
+- `connection_errors`: `{REMOTE_ADDRESS: {node, role, reason, count, last_s_ago}}`, newest
+  first, for connections that closed before their link came up; the only trace of an
+  unknown or unauthenticated peer. `node` is the neighbour dialed or the name the peer's
+  Open gave (null when no Open was read), `role` is `dial` or `accept`, `count` how many
+  such connections that address made so far. At most 64 addresses are kept (the oldest go).
+- `counters.connection_errors`: all connections that closed before their link came up.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +87,19 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
             if peer in node.last_errors:
                 entry["last_error"] = node.last_errors[peer]
         peers.append(entry)
+    # Connections that closed before their link came up, by remote address, newest first:
+    # the one place that shows why an unknown or unauthenticated peer, or a neighbour whose
+    # Open did not match, never got a link (a neighbour's shows as its last_error too).
+    connection_errors = {
+        address: {
+            "node": failed.node,
+            "role": failed.role,
+            "reason": failed.reason,
+            "count": failed.count,
+            "last_s_ago": round(now - failed.at, 1),
+        }
+        for address, failed in reversed(node.connection_errors.items())
+    }
     return {
         "node": node.name,
         "uptime_s": round(now - node.started, 1),
@@ -86,6 +112,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
         "groups": groups,
         "peers": peers,
         "counters": {"forwarded": node.forwarded, "delivered": node.delivered, **node.counters},
+        "connection_errors": connection_errors,
         "queriers": queriers,
         "membership_drops": {
             "igmp": dict(node.igmp.drops),
@@ -108,6 +135,12 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(
             f"  {peer['name']:<12} {peer['state']:<5} tx {peer['tx_packets']} "
             f"rx {peer['rx_packets']}{rtt}{why}"
+        )
+    for address, failed in status.get("connection_errors", {}).items():
+        who = f" ({failed['node']})" if failed.get("node") else ""
+        lines.append(
+            f"  {address}{who}: {failed['count']} failed connection(s), last {failed['last_s_ago']}s ago: "
+            f"{failed['reason']}"
         )
     lines.append("groups:")
     for group in status["groups"]:

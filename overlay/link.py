@@ -69,6 +69,9 @@ class PeerLink:
         self.dropped_queue = 0
         self.dropped_auth = 0
         self.peer_key_id = 0  # the pre-shared key the peer's Open was sealed with
+        self.open_name: str | None = None  # the name the peer's Open gave, even if refused
+        self.logged = False  # the node already logged why this connection failed
+        self.forgotten = False  # the node has taken the link out of its tables
         self.fragment_id = 0
         self.reassembly = Reassembler()
         encoded = codec.encode(self.local_open)
@@ -129,6 +132,8 @@ class PeerLink:
         """Check the peer's Open; return the problem (the link is then closed), or None."""
         mine = self.local_open
         problem = None
+        if self.open_name is None:
+            self.open_name = msg.node
         if self.state != OPENING:
             problem = "second open on one link"
         elif msg.version != mine.version:

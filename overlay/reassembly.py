@@ -21,7 +21,7 @@ class _Partial:
     deadline: float
     data: bytearray
     received: int = 0
-    pieces: set[int] = field(default_factory=set)
+    pieces: dict[int, int] = field(default_factory=dict)  # offset -> length
 
 
 class Reassembler:
@@ -46,14 +46,14 @@ class Reassembler:
         if offset in entry.pieces:
             self.drops["fragment_duplicate"] += 1
             return None
-        entry.pieces.add(offset)
+        entry.pieces[offset] = len(chunk)
         entry.data[offset : offset + len(chunk)] = chunk
         entry.received += len(chunk)
         if entry.received < total:
             return None
         del self.partial[packet_id]
         self.bytes -= total
-        if entry.received != total:  # overlapping pieces: not a packet we can trust
+        if not _tiles(entry.pieces, total):  # overlaps (and so a hole): not a packet to trust
             self.drops["fragment_invalid"] += 1
             return None
         return bytes(entry.data)
@@ -69,3 +69,14 @@ class Reassembler:
         for packet_id in [p for p, e in self.partial.items() if e.deadline <= now]:
             self.bytes -= self.partial.pop(packet_id).total
             self.drops["fragment_timeout"] += 1
+
+
+def _tiles(pieces: dict[int, int], total: int) -> bool:
+    """Whether the pieces (offset -> length) cover [0, total) exactly once each byte. Byte
+    counts alone can sum to `total` with an overlap hiding a hole of the same size."""
+    end = 0
+    for offset in sorted(pieces):
+        if offset != end:
+            return False
+        end += pieces[offset]
+    return end == total

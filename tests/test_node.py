@@ -393,3 +393,216 @@ def test_fragments_arrive_in_any_order_and_reassembly_is_bounded(tmp_path: Path)
     assert len(reassembly.partial) <= 64 and reassembly.drops["fragment_evicted"] == 36
     net.advance(3)
     assert reassembly.partial == {} and reassembly.drops["fragment_timeout"] == 64
+
+
+# -- Opens that do not match, and what each side shows ------------------------------------
+
+LINKS_ABC = "[[a, b], [b, c]]"
+
+
+def lone_node(tmp_path: Path, name: str, sub: str, key: str | None = None, **changes: str) -> Node:
+    """Node `name` of a tree file of its own (in `sub`), as another host would have it:
+    TREE with `changes` (bits, ttl, links, mapping) and its own key file."""
+    folder = tmp_path / sub
+    folder.mkdir(exist_ok=True)
+    fields = {"bits": "24", "ttl": "hop", "udp": "", "secret": "", "links": LINKS_ABC, "mapping": "modulo"}
+    fields.update(changes)
+    if key is not None:
+        (folder / "psk.key").write_text(key)
+        fields["secret"] = ", secret_file: psk.key"
+    text = TREE.replace("links: [[a, b], [b, c]]", "links: {links}")
+    text = text.replace("mapping: modulo", "mapping: {mapping}")
+    (folder / "tree.yaml").write_text(text.format(**fields))
+    node = Node(load_tree(folder / "tree.yaml"), name, 1000.0)
+    node.start(1000.0)
+    return node
+
+
+def connect(dialer: Node, dialed: str, acceptor: Node, now: float = 1000.0) -> tuple[PeerLink, PeerLink]:
+    """A TCP connection from `dialer` to `acceptor`, carried in memory until both ends are
+    quiet; an end that closed hangs up, and the other sees the connection go."""
+    d = dialer.new_link(dialed, now, address="10.0.0.2")
+    a = acceptor.new_link(None, now, address="10.0.0.1")
+    moved = True
+    while moved:
+        moved = False
+        for link_s, dst, link_d in ((d, acceptor, a), (a, dialer, d)):
+            if link_s.has_output and link_d.state != "closed":
+                dst.link_data(link_d, link_s.take_output(), now)
+                moved = True
+            link_s.take_output()
+    for node, link, other in ((dialer, d, a), (acceptor, a, d)):
+        if other.state == "closed" and link.state != "closed":
+            node.link_lost(link, "connection closed by peer", now)
+    return d, a
+
+
+def peer_entry(node: Node, name: str) -> dict[str, object]:
+    return next(p for p in node.status(1000.0)["peers"] if p["name"] == name)
+
+
+@pytest.mark.parametrize(
+    "change, a_sees, b_sees",
+    [
+        (
+            {"mapping": "hash"},
+            "overlay hash/24 bits, expected modulo/24 bits",
+            "overlay modulo/24 bits, expected hash/24 bits",
+        ),
+        ({"bits": "16"}, "overlay modulo/16 bits, expected modulo/24 bits", "expected modulo/16 bits"),
+        ({"ttl": "link"}, "ttl mode link, expected hop", "ttl mode hop, expected link"),
+        ({"version": "2"}, "protocol version 2, expected 1", "protocol version 1, expected 2"),
+    ],
+    ids=["mapping", "address_bits", "ttl", "version"],
+)
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "authenticated"])
+def test_a_mismatched_open_is_refused_with_a_close_naming_the_reason_logged_and_shown_on_both_sides(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: dict[str, str],
+    a_sees: str,
+    b_sees: str,
+    key: str | None,
+) -> None:
+    a = lone_node(tmp_path, "a", "host-a", key)
+    change = dict(change)  # shared by the parametrized runs
+    version = change.pop("version", None)
+    b = lone_node(tmp_path, "b", "host-b", key, **change)
+    if version is not None:
+        b.local_open = replace(b.local_open, version=int(version))
+    caplog.set_level("INFO", logger="mcmw.node")
+    d, acc = connect(a, "b", b)
+    assert d.state == acc.state == "closed" and not a.links and not b.links
+    # Each end found the mismatch and sent Close code 3 with its reason; each heard the
+    # other's (the one that came second finds its link closed already).
+    assert (d.close_code, acc.close_code) == (codec.CLOSE_MISMATCH, codec.CLOSE_MISMATCH)
+    assert d.close_reason == a_sees and b_sees in acc.close_reason
+    for node, peer, seen in ((a, "b", a_sees), (b, "a", b_sees)):
+        entry = peer_entry(node, peer)
+        assert entry["state"] == "down" and seen in str(entry["last_error"]), entry
+        status = node.status(1000.0)
+        failed = next(iter(status["connection_errors"].values()))
+        assert failed["node"] == peer and seen in failed["reason"] and failed["count"] == 1
+        assert status["counters"]["connection_errors"] == 1
+        assert status["counters"].get("dropped_auth", 0) == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("refused link from 'b'" in m and a_sees in m for m in logged), logged
+    assert any("refused link from 'a'" in m and b_sees in m for m in logged), logged
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "authenticated"])
+def test_a_dialer_the_acceptor_does_not_expect_hears_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str | None
+) -> None:
+    """b's tree file has no link from a: b refuses a's Open; a, whose tree says a dials b,
+    accepts b's Open, and must hear b's reason (authenticated, b's Close comes sealed with
+    the pre-shared key as b never started a session) and show it."""
+    a = lone_node(tmp_path, "a", "host-a", key)
+    b = lone_node(tmp_path, "b", "host-b", key, links="[[a, c], [c, b]]")
+    caplog.set_level("INFO", logger="mcmw.node")
+    d, acc = connect(a, "b", b)
+    why = "node 'a' is not a neighbour that dials 'b'"
+    assert acc.close_reason == why
+    assert d.state == "closed" and d.close_reason == f"peer closed: {why}"
+    assert peer_entry(a, "b")["last_error"] == f"peer closed: {why}"
+    assert a.status(1000.0)["counters"].get("dropped_auth", 0) == 0
+    failed = b.status(1000.0)["connection_errors"]["10.0.0.1"]
+    assert failed == {"node": "a", "role": "accept", "reason": why, "count": 1, "last_s_ago": 0.0}
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"refused link from 'a' at 10.0.0.1: {why}" in logged
+    assert f"peer closed: {why}" in logged  # a's side of the story
+
+
+def test_the_dialer_refuses_an_acceptor_with_another_name(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    a, c = net.nodes["a"], net.nodes["c"]
+    d, acc = connect(a, "b", c)  # a dials b's address, but c answers
+    assert d.close_reason == "node 'c' answered, expected 'b'"
+    assert "peer closed" in acc.close_reason or "not a neighbour" in acc.close_reason
+    assert a.status(net.now)["connection_errors"]["10.0.0.2"]["reason"] == d.close_reason
+    assert a.links["b"].up  # the working link to the real b is untouched
+
+
+def test_connections_that_fail_before_up_are_kept_by_address_bounded(tmp_path: Path) -> None:
+    net = Net(tmp_path, key=KEY)
+    b = net.nodes["b"]
+
+    def attempt(address: str, data: bytes) -> PeerLink:
+        link = b.new_link(None, net.now, address=address)
+        b.link_data(link, data, net.now)
+        assert link.state == "closed"
+        return link
+
+    stranger = PeerLink(codec.Open("mallory", 24, "modulo"), "b", True, 3, 10, net.now,
+                        keys={1: b"another-secret-of-16+"})
+    sealed_by_stranger = stranger.take_output()
+    for _ in range(3):
+        attempt("192.0.2.66", sealed_by_stranger)
+    attempt("192.0.2.67", b"\x00" * 64)  # garbage before any Open
+    status = b.status(net.now)
+    assert status["connection_errors"]["192.0.2.66"] == {
+        "node": None,  # the Open failed its Integrity check: its name is not to be believed
+        "role": "accept",
+        "reason": "integrity: bad HMAC on open",
+        "count": 3,
+        "last_s_ago": 0.0,
+    }
+    assert "COPS version 0" in status["connection_errors"]["192.0.2.67"]["reason"]
+    assert list(status["connection_errors"]) == ["192.0.2.67", "192.0.2.66"]  # newest first
+    assert status["counters"]["connection_errors"] == 4
+    assert all(p["state"] == "up" for p in status["peers"])  # nothing else disturbed
+    # Anyone can make connections fail: the status keeps the 64 latest addresses only.
+    for i in range(100):
+        attempt(f"198.51.100.{i}", b"\x00" * 64)
+    errors = b.status(net.now)["connection_errors"]
+    assert len(errors) == 64 and next(iter(errors)) == "198.51.100.99" and "192.0.2.66" not in errors
+    assert b.status(net.now)["counters"]["connection_errors"] == 104
+    # A connection that closes twice (node, then transport) counts once.
+    link = attempt("192.0.2.68", b"\x00" * 64)
+    b.link_lost(link, "connection closed by peer", net.now)
+    assert b.status(net.now)["connection_errors"]["192.0.2.68"]["count"] == 1
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+OLD, NEW = "1 the-old-key-0123456789", "2 the-new-key-0123456789"
+
+
+@pytest.mark.parametrize(
+    "a_keys, b_keys, up",
+    [
+        ([OLD], [OLD], True),
+        ([OLD, NEW], [OLD], True),  # a added the new key second: it still signs with the old
+        ([NEW, OLD], [OLD, NEW], True),  # a signs with the new key, b still with the old
+        ([NEW], [NEW, OLD], True),
+        ([NEW], [OLD], False),  # a node that missed the roll cannot open a link
+    ],
+)
+def test_keys_roll_with_two_key_ids_accepted_during_the_change(
+    tmp_path: Path, a_keys: list[str], b_keys: list[str], up: bool
+) -> None:
+    a = lone_node(tmp_path, "a", "host-a", "\n".join(a_keys) + "\n")
+    b = lone_node(tmp_path, "b", "host-b", "\n".join(b_keys) + "\n")
+    d, acc = connect(a, "b", b)
+    assert (d.up, acc.up) == (up, up)
+    if not up:
+        assert "unknown key id" in b.status(1000.0)["connection_errors"]["10.0.0.1"]["reason"]
+
+
+def test_a_reload_rolls_the_keys_without_touching_up_links(tmp_path: Path) -> None:
+    a = lone_node(tmp_path, "a", "host-a", OLD + "\n")
+    b = lone_node(tmp_path, "b", "host-b", OLD + "\n")
+    first, _ = connect(a, "b", b)
+    assert first.up
+    for node, host in ((a, "host-a"), (b, "host-b")):
+        (tmp_path / host / "psk.key").write_text(f"{NEW}\n")
+        node.reconfigure(load_tree(tmp_path / host / "tree.yaml"), 1001.0)
+        assert list(node.keys or {}) == [2]
+    assert first.up and a.links["b"] is first  # its session key stands
+    second, _ = connect(a, "b", b, now=1002.0)  # e.g. after a restart of the path
+    assert second.up and second.auth is not None and second.auth.signing_id == 2
+    tree = load_tree(tmp_path / "host-b" / "tree.yaml")
+    (tmp_path / "host-b" / "psk.key").write_text("1 short\n")  # spoilt after the file was read
+    with pytest.raises(ValueError, match="shorter than 16"):
+        b.reconfigure(tree, 1003.0)
+    assert list(b.keys or {}) == [2]  # a refused reload changes nothing
