@@ -1,5 +1,5 @@
 """The documentation tells the truth: the README's first commands, the protocol's hex
-examples, and the tree-file keys of docs/configuration.md."""
+examples (plain and authenticated), and the tree-file keys of docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 
 from mcmw.config import ConfigError, load_tree, parse_duration
 from overlay import codec
+from overlay.auth import Authenticator, split_integrity
 from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +110,75 @@ def test_hex_example_decodes_to_the_message_it_claims(index: int) -> None:
     assert isinstance(claimed, CLASSES[name]), f"{name} example is a {type(claimed).__name__}"
     assert codec.decode(data) == claimed, f"{name}: the hex does not decode to {expr}"
     assert codec.encode(claimed) == data, f"{name}: the encoder no longer writes these bytes"
+
+
+# -- authenticated examples ---------------------------------------------------------
+
+SEALED = re.compile(
+    r"<!-- sealed-example: (?P<name>[A-Za-z -]+) -->\s*\n`(?P<expr>[^`\n]+)`\s*\n\s*```text\n(?P<hex>.*?)```",
+    re.DOTALL,
+)
+
+
+def _seal_open(message: Any, key_id: int, secret: bytes) -> bytes:
+    return Authenticator({key_id: secret}, bytes(16)).seal_open(codec.encode(message))
+
+
+def _session_key(secret: bytes, dialer_nonce: bytes, acceptor_nonce: bytes) -> bytes:
+    auth = Authenticator({1: secret}, bytes(16))
+    auth.start_session(1, dialer_nonce, acceptor_nonce)
+    assert auth.session_key is not None
+    return auth.session_key
+
+
+def _seal(message: Any, seq: int, key: bytes) -> bytes:
+    auth = Authenticator({1: b"unused-pre-shared-key"}, bytes(16))
+    auth.session_key = key
+    return auth.seal_datagram(codec.encode(message), seq)
+
+
+SEALED_NAMESPACE: dict[str, Any] = {
+    **NAMESPACE,
+    "seal_open": _seal_open,
+    "session_key": _session_key,
+    "seal": _seal,
+}
+
+
+def sealed_examples() -> list[tuple[str, str, bytes]]:
+    text = PROTOCOL.read_text()
+    found = [(m["name"], m["expr"], hex_bytes(m["hex"])) for m in SEALED.finditer(text)]
+    assert len(found) == text.count("<!-- sealed-example:"), (
+        "a sealed-example marker is not followed by `expr` and a hex block"
+    )
+    return found
+
+
+def test_the_integrity_object_has_examples() -> None:
+    names = {name for name, _, _ in sealed_examples()}
+    assert {"Open", "session key", "Keep-Alive", "IP-Data"} <= names
+
+
+@pytest.mark.parametrize("index", range(len(sealed_examples())))
+def test_sealed_example_is_what_the_code_writes(index: int) -> None:
+    name, expr, data = sealed_examples()[index]
+    assert eval(expr, SEALED_NAMESPACE) == data, f"{name}: the code no longer writes these bytes"  # noqa: S307
+    if name == "session key":
+        return
+    inner, key_id, seq, _ = split_integrity(data)
+    assert isinstance(codec.decode(inner), CLASSES[name]), f"{name}: the sealed message is not a {name}"
+    # The receiving side accepts it: pre-shared key for Open, session key otherwise.
+    secret = re.search(r"secret=b'([^']+)'", expr)
+    assert secret is not None
+    keys = {1: secret.group(1).encode()}
+    receiver = Authenticator(keys, bytes(16))
+    if name == "Open":
+        assert key_id == 1 and seq == 0
+        assert receiver.unseal_open(data) == (inner, 1)
+    else:
+        assert key_id == 0
+        receiver.start_session(1, bytes(range(16)), bytes(range(16, 32)))
+        assert receiver.unseal_datagram(data) == inner
 
 
 # -- configuration ------------------------------------------------------------------
