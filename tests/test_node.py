@@ -606,3 +606,235 @@ def test_a_reload_rolls_the_keys_without_touching_up_links(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="shorter than 16"):
         b.reconfigure(tree, 1003.0)
     assert list(b.keys or {}) == [2]  # a refused reload changes nothing
+
+
+# -- IPv6, sequence accounting, RTT, scope, reassembly, reload, status shape ----------------
+
+
+def mld_join(group: str, host: str = "fe80::3") -> bytes:
+    from scapy.layers.inet6 import ICMPv6MLDMultAddrRec, ICMPv6MLReport2, IPv6ExtHdrHopByHop, RouterAlert
+
+    return bytes(
+        Ether(src="02:00:00:00:00:03", dst="33:33:00:00:00:16")
+        / IPv6(src=host, dst="ff02::16", hlim=1)
+        / IPv6ExtHdrHopByHop(options=[RouterAlert()])
+        / ICMPv6MLReport2(records=[ICMPv6MLDMultAddrRec(rtype=4, dst=group)])
+    )
+
+
+def datagram6(group: str, hlim: int = 16, src: str = "fe80::1") -> bytes:
+    return bytes(
+        Ether(dst="33:33:00:00:00:01", src="02:00:00:00:00:01")
+        / IPv6(src=src, dst=group, hlim=hlim)
+        / UDP(sport=4000, dport=5004)
+        / (b"s" * 64)
+    )
+
+
+def data6_out(net: Net, name: str) -> list[bytes]:
+    out = [f for f in net.tap[name] if f[12:14] == b"\x86\xdd" and f[20] == 17]
+    net.tap[name].clear()
+    return out
+
+
+def test_ipv6_hop_limit_is_decremented_per_hop_and_never_reaches_zero(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.frames("c", mld_join("ff0e::1:1"))
+    net.frames("b", mld_join("ff0e::1:1", host="fe80::2"))
+    assert [g["group"] for g in net.nodes["a"].status(net.now)["groups"]] == ["ff0e::1:1"]
+    net.frames("a", datagram6("ff0e::1:1", hlim=16))
+    (got,) = data6_out(net, "c")
+    assert IPv6(got[14:]).hlim == 14 and bytes(IPv6(got[14:]).payload)[8:] == b"s" * 64
+    assert IPv6(data6_out(net, "b")[0][14:]).hlim == 15
+    net.frames("a", datagram6("ff0e::1:1", hlim=2))  # b gets it with 1 and may not pass it on
+    assert len(data6_out(net, "b")) == 1 and data6_out(net, "c") == []
+    assert net.nodes["b"].counters["dropped_ttl"] == 1
+    net.frames("a", datagram6("ff0e::1:1", hlim=1))
+    assert data6_out(net, "b") == [] and net.nodes["a"].counters["dropped_ttl"] == 1
+
+
+@pytest.mark.parametrize("group", ["ff02::1:3", "ff01::5", "ff12::9", "224.0.0.251", "224.0.0.100"])
+def test_link_local_groups_of_both_families_are_never_carried(tmp_path: Path, group: str) -> None:
+    net = Net(tmp_path)
+    join_frame = mld_join(group) if ":" in group else join(group, host="169.254.1.3")
+    net.frames("c", join_frame)
+    for node in net.nodes.values():
+        assert node.status(net.now)["groups"] == [] and node.routes == {}
+    net.frames("a", datagram6(group) if ":" in group else datagram(group))
+    a = net.nodes["a"]
+    assert a.forwarded == 0 and all(link.tx_packets == 0 for link in a.links.values())
+
+
+def test_reordered_and_lost_datagrams_are_counted_per_link(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a, b = net.nodes["a"], net.nodes["b"]
+    a_link, b_link = a.links["b"], b.links["a"]
+    a.tap_frames([datagram("239.1.1.1", payload=bytes([i]) * 20) for i in range(6)], net.now)
+    d = list(a_link.datagrams)
+    a_link.datagrams.clear()
+    for index in (0, 2, 1, 4, 5):  # 2 before 1; 3 never comes
+        b.link_datagram(b_link, d[index], net.now)
+    net.pump()
+    assert len(net.data_out("c")) == 5
+    peer = next(p for p in b.status(net.now)["peers"] if p["name"] == "a")
+    assert (peer["rx_packets"], peer["rx_lost"], peer["rx_reordered"]) == (5, 1, 1)
+    c_peer = next(p for p in net.nodes["c"].status(net.now)["peers"] if p["name"] == "b")
+    assert (c_peer["rx_lost"], c_peer["rx_reordered"]) == (0, 0)  # per link: b-c saw neither
+
+
+def test_data_takes_the_stream_when_only_one_end_has_a_udp_port(tmp_path: Path) -> None:
+    a = lone_node(tmp_path, "a", "host-a", udp=", udp: 7001")
+    b = lone_node(tmp_path, "b", "host-b")
+    d, acc = connect(a, "b", b)
+    assert d.up and acc.up and (d.transport, acc.transport) == ("tcp", "tcp")
+    b.tap_frames([join("239.1.1.1")], 1000.0)
+    a.link_data(d, acc.take_output(), 1000.0)
+    a.tap_frames([datagram("239.1.1.1")], 1000.0)
+    assert d.datagrams == [] and d.tx_packets == 1
+    b.link_data(acc, d.take_output(), 1000.0)
+    assert b.delivered == 1
+
+
+def test_keepalives_measure_the_round_trip_less_the_time_the_peer_held_it(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    a, b = net.nodes["a"], net.nodes["b"]
+    a_link, b_link = a.links["b"], b.links["a"]
+    a_link.take_output(), b_link.take_output()
+    t = net.now
+    a_link.keepalive(t)
+    b.link_data(b_link, a_link.take_output(), t + 0.020)  # 20 ms one way
+    b_link.keepalive(t + 0.520)  # b holds the timestamp 500 ms (its own keep-alive timer)
+    a.link_data(a_link, b_link.take_output(), t + 0.550)  # 30 ms back
+    assert a_link.rtt_ms == pytest.approx(50.0, abs=0.01)
+    assert next(p for p in a.status(t)["peers"] if p["name"] == "b")["rtt_ms"] == pytest.approx(50.0)
+
+
+def test_a_boundary_keeps_scoped_groups_off_every_link_of_its_node(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    b = net.nodes["b"]
+    b.config = replace(b.config, boundaries=(ipaddress.ip_network("239.192.0.0/14"),))
+    scoped = "239.192.1.1"
+    net.frames("b", join(scoped))  # b's own segment: kept inside b's site
+    net.frames("a", join(scoped, host="169.254.1.1"))  # from a's side: b does not pass it on
+    net.frames("c", join(scoped, host="169.254.1.3"))
+    assert [g["group"] for g in b.status(net.now)["groups"]] == []
+    for name in ("a", "c"):  # each still serves its own segment, but hears nothing from b
+        assert [(g["group"], g["peers"]) for g in net.nodes[name].status(net.now)["groups"]] == [(scoped, [])]
+    net.frames("a", datagram(scoped))
+    net.frames("c", datagram(scoped, src="169.254.1.3"))
+    assert net.data_out("b") == [] and net.data_out("c") == [] and net.data_out("a") == []
+    assert net.nodes["a"].forwarded == net.nodes["c"].forwarded == 0
+    assert b.counters["ignored_boundary"] == 2
+
+
+def test_reassembly_is_bounded_in_count_bytes_and_time() -> None:
+    from overlay.reassembly import MAX_BYTES, MAX_PACKETS, TIMEOUT, Reassembler
+
+    r = Reassembler()
+    big = 60_000  # 17 of these fit 1 MiB
+    for packet_id in range(30):
+        assert r.add(packet_id, 0, big, b"x" * 1000, now=0.0) is None
+        assert r.bytes <= MAX_BYTES and len(r.partial) <= MAX_PACKETS
+    assert len(r.partial) == MAX_BYTES // big and r.drops["fragment_evicted"] == 30 - MAX_BYTES // big
+    assert list(r.partial)[0] == 30 - MAX_BYTES // big  # the oldest went first
+    r.expire(TIMEOUT - 0.01)
+    assert r.partial and not r.drops["fragment_timeout"]
+    r.expire(TIMEOUT)
+    assert r.partial == {} and r.bytes == 0 and r.drops["fragment_timeout"] == MAX_BYTES // big
+
+
+def test_reassembly_refuses_pieces_that_do_not_tile_the_packet() -> None:
+    from overlay.reassembly import Reassembler
+
+    r = Reassembler()
+    assert r.add(1, 8, 24, b"b" * 16, 0.0) is None
+    assert r.add(1, 0, 24, b"a" * 8, 0.0) == b"a" * 8 + b"b" * 16  # any order
+    # 0-16 and 8-24 and 24-32: 40 bytes for 32, a hole hidden behind the overlap
+    assert r.add(2, 0, 32, b"x" * 16, 0.0) is None
+    assert r.add(2, 16, 32, b"y" * 8, 0.0) is None
+    assert r.add(2, 8, 32, b"z" * 8, 0.0) is None  # 32 bytes, but 8-16 twice and 24-32 never
+    assert r.drops["fragment_invalid"] == 1 and 2 not in r.partial
+    assert r.add(3, 0, 16, b"q" * 8, 0.0) is None
+    assert r.add(3, 0, 16, b"q" * 8, 0.0) is None and r.drops["fragment_duplicate"] == 1
+    assert r.add(3, 8, 20, b"q" * 8, 0.0) is None  # another total for the same packet
+    assert r.add(4, 10, 16, b"q" * 8, 0.0) is None  # past the end
+    assert r.add(5, 0, 70_000, b"q", 0.0) is None  # larger than any IP packet
+    assert r.drops["fragment_invalid"] == 4
+
+
+def test_a_reload_adds_and_removes_links_and_nothing_else(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    b, c = net.nodes["b"], net.nodes["c"]
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("a", join("239.2.2.2", host="169.254.1.1"))
+    a_link = b.links["a"]
+    # b-c removed from the tree (c then hangs off a): b closes its link to c with a reason
+    path = tmp_path / "tree.yaml"
+    path.write_text(path.read_text().replace("links: [[a, b], [b, c]]", "links: [[a, b], [a, c]]"))
+    tree = load_tree(path)
+    assert b.reconfigure(tree, net.now) == []
+    net.pump()
+    assert "c" not in b.links and b.links["a"] is a_link  # the other link untouched
+    assert "c" not in b.neighbours
+    assert "link removed from the tree" in c.status(net.now)["peers"][0]["last_error"]
+    assert [g["group"] for g in net.nodes["a"].status(net.now)["groups"]] == ["239.2.2.2"]  # c's withdrawn
+    # a and c reloaded too: c dials a now
+    net.nodes["a"].reconfigure(tree, net.now)
+    assert net.nodes["a"].neighbours == {"b": True, "c": True}
+    c.reconfigure(tree, net.now)
+    net.connect("a", "c")
+    assert net.nodes["a"].links["c"].up
+    net.frames("a", datagram("239.1.1.1"))
+    assert len(net.data_out("c")) == 1
+    with pytest.raises(ValueError, match="overlay settings changed"):
+        b.reconfigure(replace(tree, overlay=replace(tree.overlay, mapping="hash")), net.now)
+
+
+def test_status_has_the_keys_and_types_spec_md_promises(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("a", datagram("239.1.1.1"))
+    net.advance(4)
+    status = net.nodes["b"].status(net.now)
+    assert_spec_status(status, "b")
+    group = next(g for g in net.nodes["c"].status(net.now)["groups"] if g["group"] == "239.1.1.1")
+    assert group == {
+        **group,
+        "overlay_address": 65793,
+        "local": {**group["local"], "mode": "exclude", "sources": [], "compat_version": 3},
+        "peers": [],
+    }
+    a_view = net.nodes["a"].status(net.now)
+    assert [(g["group"], g["local"], g["peers"]) for g in a_view["groups"]] == [("239.1.1.1", None, ["b"])]
+    assert {p["name"]: p["transport"] for p in a_view["peers"]} == {"b": "udp"}
+    assert a_view["peers"][0]["tx_packets"] == 1 and status["counters"]["forwarded"] == 1
+
+
+def assert_spec_status(status: dict[str, object], node: str) -> None:
+    """The keys of SPEC.md's status example, with their types (more keys are allowed)."""
+    number = (int, float)
+    assert status["node"] == node and isinstance(status["uptime_s"], number)
+    tap = status["tap"]
+    assert isinstance(tap, dict) and isinstance(tap["name"], str)
+    assert isinstance(tap["rx_frames"], int) and isinstance(tap["tx_frames"], int)
+    assert isinstance(status["groups"], list)
+    for group in status["groups"]:
+        assert str(ipaddress.ip_address(group["group"])) == group["group"]  # canonical text
+        assert isinstance(group["overlay_address"], int)
+        assert isinstance(group["peers"], list) and group["peers"] == sorted(group["peers"])
+        local = group.get("local")
+        if local is not None:
+            assert local["mode"] in ("include", "exclude") and isinstance(local["sources"], list)
+            assert all(str(ipaddress.ip_address(s)) == s for s in local["sources"])
+            assert local["compat_version"] in (1, 2, 3)
+    assert isinstance(status["peers"], list) and status["peers"]
+    for peer in status["peers"]:
+        assert isinstance(peer["name"], str) and peer["state"] in ("up", "down")
+        assert peer["transport"] in ("tcp", "udp")
+        assert peer["rtt_ms"] is None or isinstance(peer["rtt_ms"], number)
+        assert isinstance(peer["tx_packets"], int) and isinstance(peer["rx_packets"], int)
+    counters = status["counters"]
+    assert isinstance(counters, dict)
+    for key in ("forwarded", "delivered", "dropped_ttl", "dropped_malformed"):
+        assert isinstance(counters[key], int), key
