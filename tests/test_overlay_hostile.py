@@ -42,6 +42,11 @@ class Tree:
         return str(self.sites.doc["nodes"]["b"]["listen"]).rsplit(":", 1)[0]
 
     @property
+    def h_address(self) -> str:
+        """h's end of the h-b veth: where b sees h's connections come from."""
+        return f"198.18.{self.sites.doc['links'].index(['h', 'b']) + 1}.1"
+
+    @property
     def b_port(self) -> int:
         return int(str(self.sites.doc["nodes"]["b"]["listen"]).rsplit(":", 1)[1])
 
@@ -192,6 +197,9 @@ def test_opens_without_the_key_are_refused_and_counted(guarded: Guarded, action:
     assert result["closed_after_s"] < 1
     assert delta(before, guarded.counters())["dropped_auth"] == 1
     assert guarded.sites.peer("b", "h")["state"] == "down"
+    # Nobody is named by an Open that failed its check: the status keeps the reason by address.
+    failed = guarded.sites.status("b")["connection_errors"][guarded.h_address]
+    assert failed["node"] is None and reason in failed["reason"] and failed["role"] == "accept", failed
     wait_flowing(guarded)
 
 
@@ -394,3 +402,85 @@ def test_a_flood_of_add_routes_leaves_the_node_responsive_and_is_withdrawn_on_cl
     assert sender.wait(timeout=30) == 0
     assert_whole(open_tree, receiver, count)
     assert "Traceback" not in log_since(sites, "b", mark)
+
+
+@pytest.mark.parametrize(
+    "name, version, reason",
+    [
+        ("mallory", 1, "node 'mallory' is not a neighbour that dials 'b'"),
+        ("h", 9, "protocol version 9, expected 1"),
+    ],
+    ids=["unknown-node", "unknown-version"],
+)
+def test_an_open_that_does_not_match_is_refused_with_the_reason_logged_and_shown(
+    open_tree: Tree, name: str, version: int, reason: str
+) -> None:
+    sites = open_tree.sites
+    mark = log_mark(sites, "b")
+    before = sites.status("b")["counters"].get("connection_errors", 0)
+    result = open_tree.hostile("open", "--name", name, "--version", str(version), "--wait", "2")
+    assert closes(result) == [{"type": "close", "code": 3, "reason": reason}], result
+    assert result["closed_after_s"] < 1
+    status = sites.status("b")
+    assert status["counters"]["connection_errors"] == before + 1
+    failed = status["connection_errors"][open_tree.h_address]
+    assert (failed["node"], failed["role"], failed["reason"]) == (name, "accept", reason), failed
+    if name == "h":  # a neighbour: its entry says why it is down, too
+        assert sites.peer("b", "h")["last_error"] == reason
+    assert f"refused link from {name!r} at {open_tree.h_address}: {reason}" in log_since(sites, "b", mark)
+    assert all(p["state"] == "up" for p in status["peers"] if p["name"] != "h")
+
+
+def test_a_slow_peer_never_holds_up_the_other_links_or_the_tap(open_tree: Tree) -> None:
+    """h asks for G and then reads nothing (a tiny receive window, keep-alives so that it
+    stays alive): b's queue for h fills and is bounded, drops are counted on h's link, and
+    a's stream to c and into b's own TAP loses and doubles nothing meanwhile."""
+    sites = open_tree.sites
+    port = 5008
+    slow = sites.lab.popen(
+        sites.ns["h"],
+        [sys.executable, str(APPS / "hostile_peer.py"), "slow", open_tree.b_host, str(open_tree.b_port),
+         "--group", G, "--hold", "60"],
+        text=True,
+    )
+    try:
+        assert slow.stdout is not None and "asked" in slow.stdout.readline()
+        wait_for(lambda: "h" in (sites.group("b", G) or {}).get("peers", []), 5, "b to learn h wants G")
+        receivers = {n: sites.source_receiver(n, G, idle=5, port=port) for n in ("b", "c")}
+        # 1316-byte datagrams (MPEG-TS) until b drops for h: its socket buffers and its
+        # 2 MiB queue for h are full by then. Bounded: the sender stops after 60 s at most.
+        sender = sites.sender("a", G, 120_000, 2000, port=port, size=1316)
+        try:
+            wait_for(lambda: sites.peer("b", "h")["dropped_queue"] > 0, 40, "b to drop data for the slow h")
+            at_first_drop = sites.status("c")["counters"]["delivered"]
+            wait_for(
+                lambda: sites.status("c")["counters"]["delivered"] > at_first_drop + 500,
+                10,
+                "the stream to go on reaching c while h stays slow",
+            )
+            status = sites.status("b")
+            assert sites.peer("b", "h")["state"] == "up", "h is slow, not dead: its link stays up"
+        finally:
+            sender.terminate()
+            sender.wait(timeout=5)
+        last: list[Any] = [None]
+
+        def drained() -> bool:
+            now = [sites.status(n)["counters"]["delivered"] for n in receivers]
+            done, last[0] = now == last[0], now
+            return done
+
+        wait_for(drained, 10, "the stream to drain", interval=0.3)
+        reports = {n: report(p, stop=True) for n, p in receivers.items()}
+    finally:
+        slow.terminate()
+        slow.communicate(timeout=10)
+    peers = {p["name"]: p for p in status["peers"]}
+    assert peers["a"]["dropped_queue"] == peers["c"]["dropped_queue"] == 0
+    assert status["counters"]["dropped_queue"] == peers["h"]["dropped_queue"], "drops counted per link"
+    source = sites.tap_address("a")
+    for node, got in reports.items():
+        seqs = got["by_source"][source]
+        assert seqs == list(range(len(seqs))) and len(seqs) > 1000, (
+            f"{node}: {len(seqs)} packets, not every one once and in order while h was slow"
+        )

@@ -18,6 +18,10 @@ back, decoded, and whether and when it closed the connection):
                      first sealed message replayed as they were (no key needed to do so)
     flood            a valid session, then --groups Add-Routes, --per-message per message;
                      keep-alives while holding the link --hold seconds; then Close
+    open             an Open (with --name, --version, --bits, --mapping as given), then read
+    slow             a valid session with a tiny receive window, an Add-Route for --group,
+                     then keep-alives for --hold seconds (or until SIGTERM) and nothing read:
+                     a peer that is alive but cannot keep up
 
 UDP actions (the node's UDP data channel at HOST PORT):
 
@@ -29,7 +33,8 @@ UDP actions (the node's UDP data channel at HOST PORT):
                      8-byte IP-Data header (length 8); all from the real peer's address
                      and port, on the wire through --dev; --only picks some of these
 
-Options: --name (node name in Open), --keys (key file), --bits/--mapping (overlay), --dead.
+Options: --name (node name in Open), --version (protocol version in Open), --keys (key
+file), --bits/--mapping (overlay), --dead.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -65,7 +71,12 @@ def strip_integrity(message: bytes) -> bytes:
 class Peer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.sock = socket.create_connection((args.host, args.port), timeout=5)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if args.action == "slow":
+            # Set before connecting, so the window the node sees is small from the start.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(5)
+        self.sock.connect((args.host, args.port))
         self.buf = b""
         self.received: list[dict[str, Any]] = []
         self.raw_received: list[bytes] = []
@@ -77,7 +88,9 @@ class Peer:
     def open_message(self, nonce: bytes | None = None) -> bytes:
         a = self.args
         nonce = nonce if nonce is not None else (self.auth.nonce if self.auth else bytes(16))
-        return codec.encode(Open(a.name, a.bits, a.mapping, "hop", 0, int(a.dead), nonce=nonce))
+        return codec.encode(
+            Open(a.name, a.bits, a.mapping, "hop", 0, int(a.dead), version=a.version, nonce=nonce)
+        )
 
     def send(self, data: bytes) -> None:
         try:
@@ -218,6 +231,23 @@ def tcp_action(args: argparse.Namespace) -> dict[str, Any]:
             peer.send(peer.sealed(codec.encode(KeepAlive(time.monotonic_ns(), 0, 0))))
         extra["echoed_after_s"] = None if echoed is None else round(echoed, 3)
         peer.send(peer.sealed(codec.encode(Close(codec.CLOSE_NORMAL, "flood done"))))
+    elif action == "open":
+        peer.send(peer.auth.seal_open(peer.open_message()) if peer.auth else peer.open_message())
+    elif action == "slow":
+        peer.session()
+        peer.read(0.5)
+        route = Route(0, socket.inet_aton(args.group))
+        peer.send(peer.sealed(codec.encode(AddRoute((route,)))))
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        print(json.dumps({"asked": args.group}), flush=True)
+        deadline = time.monotonic() + args.hold
+        while time.monotonic() < deadline and not stop and peer.closed_after is None:
+            # Alive (the node hears from it) but reading nothing.
+            peer.send(peer.sealed(codec.encode(KeepAlive(time.monotonic_ns(), 0, 0))))
+            time.sleep(0.3)
+        extra["held_s"] = round(time.monotonic() - peer.started, 3)
+        return peer.report(**extra)
     else:
         raise SystemExit(f"unknown action {action}")
     peer.read(args.wait)
@@ -340,6 +370,8 @@ def main() -> None:
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     parser.add_argument("--name", default="h")
+    parser.add_argument("--version", type=int, default=codec.PROTOCOL_VERSION)
+    parser.add_argument("--group", default="239.1.1.1")
     parser.add_argument("--keys")
     parser.add_argument("--bits", type=int, default=24)
     parser.add_argument("--mapping", default="modulo")
