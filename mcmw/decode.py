@@ -113,6 +113,8 @@ def salvage(packet: bytes, family: int) -> Message | None:
             body = bytes(packet[ihl : min(max(total, ihl), len(packet))])
             return codec_igmp.parse_igmp(body, bytes(packet[12:16]), bytes(packet[16:20]), packet[8], False)
         # The IPv6 parser walks the extension headers; let it, over the bytes there are.
+        if len(packet) < 40:
+            return None
         fitted = bytes(packet[:4]) + (len(packet) - 40).to_bytes(2, "big") + bytes(packet[6:])
         return codec_mld.parse(fitted)
     except Malformed as err:

@@ -10,7 +10,7 @@ import pytest
 
 from mcmw.lab import Lab, wait_for
 
-__all__ = ["Lab", "lab", "require_privileged", "wait_for"]
+__all__ = ["Lab", "lab", "require_privileged", "require_tools", "wait_for"]
 
 
 def privileged_available() -> str | None:
@@ -29,6 +29,18 @@ def require_privileged() -> None:
     why = privileged_available()
     if why is None:
         return
+    if os.environ.get("MCMW_REQUIRE_PRIVILEGED") == "1":
+        pytest.fail(f"MCMW_REQUIRE_PRIVILEGED=1 but this test {why}")
+    pytest.skip(why)
+
+
+def require_tools(*names: str) -> None:
+    """Skip without these programs (tshark, tcpdump, ...); fail instead under CI, whose
+    setup script installs them, so that a missing one cannot pass as a skip."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if not missing:
+        return
+    why = f"needs {', '.join(missing)}"
     if os.environ.get("MCMW_REQUIRE_PRIVILEGED") == "1":
         pytest.fail(f"MCMW_REQUIRE_PRIVILEGED=1 but this test {why}")
     pytest.skip(why)

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 
 from igmp import codec_mld
-from igmp.actions import MembershipChange, SendQuery
-from igmp.messages import (
-    BLOCK_OLD_SOURCES,
-    CHANGE_TO_EXCLUDE_MODE,
-    CHANGE_TO_INCLUDE_MODE,
-    MODE_IS_INCLUDE,
-    GroupRecord,
-)
+from igmp.actions import MembershipChange
 from igmp.params import QuerierParams
 from igmp.querier import Querier
+from tests.igmp_kit import BLOCK, IS_IN, MLD, TO_EX, TO_IN, GroupRecord, changes, ip, queries
 
-
-def ip(text: str) -> bytes:
-    return ipaddress.ip_address(text).packed
-
-
-ROUTER, HOST = ip("fe80::5"), ip("fe80::20")
-G = ip("ff0e::1:2")
-S1, S2 = ip("2001:db8::1"), ip("2001:db8::2")
+ROUTER, HOST, G = MLD.router, MLD.host, MLD.group
+S1, S2 = MLD.sources[:2]
 
 
 def v2(rtype: int, *sources: bytes, src: bytes = HOST, group: bytes = G) -> bytes:
@@ -33,17 +19,7 @@ def v2(rtype: int, *sources: bytes, src: bytes = HOST, group: bytes = G) -> byte
 
 
 def started(version: int = 2) -> Querier:
-    q = Querier(6, QuerierParams(version=version), ROUTER, 0.0)
-    q.start(0.0)
-    return q
-
-
-def queries(actions: list) -> list:
-    return [codec_mld.parse(a.packet) for a in actions if isinstance(a, SendQuery)]
-
-
-def changes(actions: list) -> list:
-    return [a for a in actions if isinstance(a, MembershipChange)]
+    return MLD.querier(version=version)
 
 
 def test_general_query_mldv2() -> None:
@@ -65,9 +41,9 @@ def test_general_query_mldv1_is_24_bytes() -> None:
 
 def test_mldv2_join_source_filter_and_leave() -> None:
     q = started()
-    out = q.handle(v2(MODE_IS_INCLUDE, S1, S2), 0.0)
+    out = q.handle(v2(IS_IN, S1, S2), 0.0)
     assert changes(out) == [MembershipChange(G, "include", frozenset({S1, S2}))]
-    (gss,) = queries(q.handle(v2(BLOCK_OLD_SOURCES, S1), 1.0))
+    (gss,) = queries(q.handle(v2(BLOCK, S1), 1.0))
     assert (gss.group, gss.sources, gss.max_resp_s) == (G, (S1,), 1.0)
     q.expire(2.0)
     assert q.expire(3.0) == [MembershipChange(G, "include", frozenset({S2}))]
@@ -81,7 +57,7 @@ def test_mldv1_report_and_done() -> None:
     assert q.snapshot(0.0)[0]["compat_version"] == 1
     assert q.snapshot(0.0)[0]["group"] == "ff0e::1:2"
     # MLDv1 compatibility: source lists of TO_EX are ignored (RFC 3810 8.3.2).
-    q.handle(v2(CHANGE_TO_EXCLUDE_MODE, S1), 0.5)
+    q.handle(v2(TO_EX, S1), 0.5)
     assert q.forwarding() == [MembershipChange(G, "exclude", frozenset())]
     (gsq,) = queries(q.handle(codec_mld.build_done(HOST, G), 1.0))
     assert (gsq.version, gsq.group, gsq.dst) == (2, G, G)
@@ -100,13 +76,13 @@ def test_mldv1_querier() -> None:
 @pytest.mark.parametrize("src", ["2001:db8::20", "::", "ff02::1"])
 def test_report_from_non_link_local_source_dropped(src: str) -> None:
     q = started()
-    assert q.handle(v2(CHANGE_TO_EXCLUDE_MODE, src=ip(src)), 0.0) == []
+    assert q.handle(v2(TO_EX, src=ip(src)), 0.0) == []
     assert q.drops["bad_source"] == 1
 
 
 def test_report_without_router_alert_or_with_hop_limit_dropped() -> None:
     q = started()
-    body = v2(CHANGE_TO_EXCLUDE_MODE)[48:]
+    body = v2(TO_EX)[48:]
     body = body[:2] + b"\0\0" + body[4:]
     assert q.handle(codec_mld.build_packet(body, HOST, codec_mld.ALL_MLDV2_ROUTERS,
                                            router_alert=False), 0.0) == []
@@ -117,11 +93,11 @@ def test_report_without_router_alert_or_with_hop_limit_dropped() -> None:
 
 def test_bad_checksum_and_wrong_destination() -> None:
     q = started()
-    pkt = bytearray(v2(CHANGE_TO_EXCLUDE_MODE))
+    pkt = bytearray(v2(TO_EX))
     pkt[-1] ^= 1
     assert q.handle(bytes(pkt), 0.0) == []
     assert q.handle(codec_mld.build_done(HOST, G, dst=codec_mld.ALL_NODES), 0.0) == []
-    assert q.handle(v2(CHANGE_TO_EXCLUDE_MODE)[:60], 0.0) == []
+    assert q.handle(v2(TO_EX)[:60], 0.0) == []
     assert q.drops["checksum"] == 1
     assert q.drops["bad_destination"] == 1
     assert q.drops["truncated"] == 1
@@ -130,7 +106,7 @@ def test_bad_checksum_and_wrong_destination() -> None:
 def test_unreportable_groups_ignored() -> None:
     q = started()
     for g in ("ff01::1", "ff02::1", "ff00::5"):
-        assert q.handle(v2(CHANGE_TO_EXCLUDE_MODE, group=ip(g)), 0.0) == []
+        assert q.handle(v2(TO_EX, group=ip(g)), 0.0) == []
     assert q.drops["bad_group"] == 3
 
 
@@ -139,8 +115,8 @@ def test_election_by_lowest_link_local() -> None:
     pkt, _ = codec_mld.build_query(2, ip("fe80::1"))
     q.handle(pkt, 0.0)
     assert not q.is_querier and q.status(0.0)["querier"] == "fe80::1"
-    q.handle(v2(CHANGE_TO_EXCLUDE_MODE), 1.0)
-    assert queries(q.handle(v2(CHANGE_TO_INCLUDE_MODE), 2.0)) == []
+    q.handle(v2(TO_EX), 1.0)
+    assert queries(q.handle(v2(TO_IN), 2.0)) == []
 
 
 def test_scapy_built_mld_reports_parse() -> None:

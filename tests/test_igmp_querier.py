@@ -3,46 +3,38 @@ reports and leaves, group-specific queries, expiry, checksums, wire encodings.""
 
 from __future__ import annotations
 
-import ipaddress
-import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from igmp import codec_igmp, codec_mld
+from igmp import codec_igmp, codec_mld, fpcode
 from igmp.actions import MembershipChange, SendQuery
-from igmp.messages import (
-    ALLOW_NEW_SOURCES,
-    BLOCK_OLD_SOURCES,
-    CHANGE_TO_EXCLUDE_MODE,
-    CHANGE_TO_INCLUDE_MODE,
-    MODE_IS_EXCLUDE,
-    MODE_IS_INCLUDE,
-    GroupRecord,
-)
 from igmp.params import QuerierParams
 from igmp.querier import Querier
+from mcmw.capture import write_pcap
+from tap.ethernet import frame_for_ip
+from tests.igmp_kit import (
+    ALLOW,
+    BLOCK,
+    IGMP,
+    IS_EX,
+    IS_IN,
+    MLD,
+    TO_EX,
+    TO_IN,
+    GroupRecord,
+    changes,
+    ip,
+    queries,
+    run_until,
+)
+from tests.netlab import require_tools
 
-
-def ip(text: str) -> bytes:
-    return ipaddress.ip_address(text).packed
-
-
-ROUTER = ip("10.0.0.1")
-HOST = ip("10.0.0.2")
-G = ip("239.1.1.1")
-S1, S2 = ip("192.0.2.1"), ip("192.0.2.2")
+ROUTER, HOST, G = IGMP.router, IGMP.host, IGMP.group
+S1, S2 = IGMP.sources[:2]
 P = QuerierParams(version=3)  # QI 125, QRI 10, RV 2, LMQI 1 -> GMI 260, LMQT 2
-
-
-def queries(actions: list) -> list:
-    return [codec_igmp.parse(a.packet) for a in actions if isinstance(a, SendQuery)]
-
-
-def changes(actions: list) -> list[MembershipChange]:
-    return [a for a in actions if isinstance(a, MembershipChange)]
 
 
 def v3(*records: tuple[int, bytes, tuple[bytes, ...]], src: bytes = HOST) -> bytes:
@@ -50,17 +42,7 @@ def v3(*records: tuple[int, bytes, tuple[bytes, ...]], src: bytes = HOST) -> byt
 
 
 def started(params: QuerierParams = P, now: float = 0.0) -> Querier:
-    q = Querier(4, params, ROUTER, now)
-    q.start(now)
-    return q
-
-
-def run_until(q: Querier, end: float) -> list[tuple[float, object]]:
-    """Drive expire() at each deadline up to `end`; return (time, action) pairs."""
-    out = []
-    while (t := q.next_deadline()) is not None and t <= end:
-        out += [(t, a) for a in q.expire(t)]
-    return out
+    return IGMP.querier(params, now)
 
 
 # -- general queries ---------------------------------------------------------
@@ -175,10 +157,10 @@ def test_v1_report_and_leave_ignored_in_v1_compat() -> None:
 
 def test_v3_to_ex_empty_then_to_in_empty() -> None:
     q = started()
-    out = q.handle(v3((CHANGE_TO_EXCLUDE_MODE, G, ())), 1.0)
+    out = q.handle(v3((TO_EX, G, ())), 1.0)
     assert changes(out) == [MembershipChange(G, "exclude", frozenset())]
     assert q.snapshot(1.0)[0]["compat_version"] == 3
-    out = q.handle(v3((CHANGE_TO_INCLUDE_MODE, G, ())), 2.0)
+    out = q.handle(v3((TO_IN, G, ())), 2.0)
     assert [(m.group, m.sources) for m in queries(out)] == [(G, ())]
     events = run_until(q, 10.0)
     assert [t for t, a in events if isinstance(a, SendQuery)] == [3.0]
@@ -188,15 +170,15 @@ def test_v3_to_ex_empty_then_to_in_empty() -> None:
 
 def test_v3_is_ex_empty_joins() -> None:
     q = started()
-    out = q.handle(v3((MODE_IS_EXCLUDE, G, ())), 1.0)
+    out = q.handle(v3((IS_EX, G, ())), 1.0)
     assert changes(out) == [MembershipChange(G, "exclude", frozenset())]
 
 
 def test_v3_include_sources_and_source_expiry() -> None:
     q = started()
-    out = q.handle(v3((MODE_IS_INCLUDE, G, (S1,))), 0.0)
+    out = q.handle(v3((IS_IN, G, (S1,))), 0.0)
     assert changes(out) == [MembershipChange(G, "include", frozenset({S1}))]
-    out = q.handle(v3((ALLOW_NEW_SOURCES, G, (S2,))), 100.0)
+    out = q.handle(v3((ALLOW, G, (S2,))), 100.0)
     assert changes(out) == [MembershipChange(G, "include", frozenset({S1, S2}))]
     events = run_until(q, 1000.0)
     assert [(t, a) for t, a in events if isinstance(a, MembershipChange)] == [
@@ -207,8 +189,8 @@ def test_v3_include_sources_and_source_expiry() -> None:
 
 def test_v3_block_sends_group_and_source_query() -> None:
     q = started()
-    q.handle(v3((MODE_IS_INCLUDE, G, (S1, S2))), 0.0)
-    out = q.handle(v3((BLOCK_OLD_SOURCES, G, (S1,))), 10.0)
+    q.handle(v3((IS_IN, G, (S1, S2))), 0.0)
+    out = q.handle(v3((BLOCK, G, (S1,))), 10.0)
     (gss,) = queries(out)
     assert (gss.group, gss.sources, gss.s_flag, gss.dst) == (G, (S1,), False, G)
     events = run_until(q, 20.0)
@@ -221,8 +203,8 @@ def test_v3_block_sends_group_and_source_query() -> None:
 def test_several_records_in_one_report_give_one_change_per_group() -> None:
     q = started()
     g2 = ip("239.2.2.2")
-    out = q.handle(v3((ALLOW_NEW_SOURCES, G, (S1,)), (ALLOW_NEW_SOURCES, G, (S2,)),
-                      (CHANGE_TO_EXCLUDE_MODE, g2, ())), 0.0)
+    out = q.handle(v3((ALLOW, G, (S1,)), (ALLOW, G, (S2,)),
+                      (TO_EX, g2, ())), 0.0)
     assert changes(out) == [MembershipChange(G, "include", frozenset({S1, S2})),
                             MembershipChange(g2, "exclude", frozenset())]
 
@@ -320,8 +302,8 @@ def test_scapy_reads_our_queries() -> None:
     from scapy.layers.inet import IP
 
     q = started()
-    q.handle(v3((MODE_IS_INCLUDE, G, (S1, S2))), 0.0)
-    out = q.handle(v3((BLOCK_OLD_SOURCES, G, (S1, S2))), 1.0)
+    q.handle(v3((IS_IN, G, (S1, S2))), 0.0)
+    out = q.handle(v3((BLOCK, G, (S1, S2))), 1.0)
     (a,) = [a for a in out if isinstance(a, SendQuery)]
     pkt = IP(a.packet)
     assert pkt[IGMPv3].type == 0x11 and pkt[IGMPv3].mrcode == 10
@@ -329,30 +311,130 @@ def test_scapy_reads_our_queries() -> None:
     assert pkt[IGMPv3_MQ].srcaddrs == ["192.0.2.1", "192.0.2.2"]
 
 
-def multicast_mac(dst: bytes) -> bytes:
-    if len(dst) == 4:
-        return bytes((0x01, 0x00, 0x5E, dst[1] & 0x7F, dst[2], dst[3]))
-    return b"\x33\x33" + dst[12:]
+# -- RFC 3376 4.1.1 / 4.1.7, RFC 3810 5.1.3: the floating-point codes over their range ----
+
+
+def test_8_bit_code_round_trips_over_the_whole_range() -> None:
+    # Every code decodes to a value that encodes back to the same code ...
+    values = [fpcode.decode8(code) for code in range(256)]
+    assert [fpcode.encode8(v) for v in values] == list(range(256))
+    # ... the values grow with the code, linearly below 128 and by the RFC formula above ...
+    assert values[:128] == list(range(128)) and values == sorted(set(values))
+    assert all(values[c] == ((c & 0x0F) | 0x10) << (((c >> 4) & 0x07) + 3) for c in range(128, 256))
+    assert values[-1] == 31744
+    # ... and any other value encodes to the largest code not above it (hosts then answer
+    # no later than the router expects), clamped at the top.
+    for value in range(0, 32000):
+        code = fpcode.encode8(value)
+        assert values[code] <= value and (code == 255 or values[code + 1] > value), value
+    assert fpcode.encode8(10**9) == 255 and fpcode.encode8(-5) == 0
+
+
+def test_16_bit_code_round_trips_over_the_whole_range() -> None:
+    values = [fpcode.decode16(code) for code in range(65536)]
+    assert [fpcode.encode16(v) for v in values] == list(range(65536))
+    assert values[:32768] == list(range(32768)) and values == sorted(set(values))
+    assert all(
+        values[c] == ((c & 0x0FFF) | 0x1000) << (((c >> 12) & 0x07) + 3) for c in range(32768, 65536, 97)
+    )
+    assert values[-1] == 8387584
+    for value in [*range(32760, 33000), *range(40000, 8_400_000, 997)]:
+        code = fpcode.encode16(value)
+        assert values[code] <= value and (code == 65535 or values[code + 1] > value), value
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_max_resp_and_qqic_survive_a_query_round_trip_for_every_code(family: int) -> None:
+    """Each Max Resp Code and QQIC a query can carry: the value it stands for, put into
+    build_query, comes back out of parse with the same code and value."""
+    codec, version = (codec_igmp, 3) if family == 4 else (codec_mld, 2)
+    src = IGMP.router if family == 4 else MLD.router
+    unit = 10 if family == 4 else 1000  # tenths of a second / milliseconds
+    codes = range(256) if family == 4 else range(0, 65536, 61)
+    for code, qqic in zip(codes, (c % 256 for c in range(10**6)), strict=False):
+        value = fpcode.decode8(code) if family == 4 else fpcode.decode16(code)
+        qqi = fpcode.decode8(qqic)
+        packet, _ = codec.build_query(version, src, None, (), value / unit, False, 2, float(qqi))
+        m = codec.parse(packet)
+        # The code as sent: IGMP's byte 1 after IPv4 with Router Alert (24 bytes), MLD's
+        # bytes 4-5 after IPv6 and the hop-by-hop header (48 bytes).
+        sent = packet[25] if family == 4 else struct.unpack_from("!H", packet, 48 + 4)[0]
+        assert (sent, m.qqic) == (code, qqic), (code, qqic)
+        assert (m.max_resp_s, m.qqi_s) == (value / unit, float(qqi))
+
+
+# -- derived timers (RFC 3376 8, RFC 3810 9) ----------------------------------------------
+
+
+def test_derived_timers_follow_the_rfc_formulas() -> None:
+    d = QuerierParams()
+    assert (d.group_membership_interval, d.other_querier_present_interval) == (260.0, 255.0)
+    assert (d.last_member_query_time, d.older_host_present_interval) == (2.0, 260.0)
+    assert (d.startup_interval, d.startup_count, d.lmqc) == (31.25, 2, 2)
+    p = QuerierParams(robustness=3, query_interval=60, query_response_interval=5,
+                      last_member_query_interval=0.5)
+    assert p.group_membership_interval == 3 * 60 + 5  # RV * QI + QRI
+    assert p.other_querier_present_interval == 3 * 60 + 5 / 2  # RV * QI + QRI / 2
+    assert p.last_member_query_time == 0.5 * 3  # LMQI * LMQC, LMQC = RV by default
+    assert p.older_host_present_interval == p.group_membership_interval
+    assert (p.startup_interval, p.startup_count) == (15.0, 3)  # QI / 4, RV
+    p = QuerierParams(last_member_query_count=5, startup_query_interval=7, startup_query_count=1)
+    assert (p.last_member_query_time, p.startup_interval, p.startup_count) == (5.0, 7.0, 1)
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def test_status_shows_filter_mode_sources_timers_compat_and_querier() -> None:
+    q = started()
+    g2 = ip("239.2.2.2")
+    q.handle(v3((IS_IN, G, (S1, S2))), 0.0)
+    q.handle(v3((TO_EX, g2, (S1,))), 10.0)
+    q.handle(codec_igmp.build_report(2, HOST, ip("239.3.3.3")), 20.0)
+    status = q.status(30.0)
+    assert (status["protocol"], status["version"], status["is_querier"]) == ("igmp", 3, True)
+    assert (status["querier"], status["address"], status["robustness"]) == ("10.0.0.5", "10.0.0.5", 2)
+    assert status["next_general_query_s"] == 1.25  # the second startup query at 31.25
+    by_group = {g["group"]: g for g in status["groups"]}
+    assert by_group["239.1.1.1"] == {
+        "group": "239.1.1.1",
+        "mode": "include",
+        "sources": ["192.0.2.1", "192.0.2.2"],
+        "requested": [],
+        "source_timers": {"192.0.2.1": 230.0, "192.0.2.2": 230.0},
+        "group_timer_s": None,
+        "compat_version": 3,
+        "older_host_timers_s": {"v1": None, "v2": None},
+    }
+    ex = by_group["239.2.2.2"]
+    assert (ex["mode"], ex["sources"], ex["requested"], ex["group_timer_s"]) == (
+        "exclude", ["192.0.2.1"], [], 240.0)
+    assert ex["source_timers"] == {"192.0.2.1": None}
+    v2 = by_group["239.3.3.3"]
+    assert (v2["compat_version"], v2["older_host_timers_s"]) == (2, {"v1": None, "v2": 250.0})
+    assert status["counters"] == {"igmp_v3_report": 2, "igmp_v2_report": 1}
+    q.handle(b"\x45", 30.0)
+    q.handle(v3((IS_IN, G, (S1,)), src=ip("127.0.0.1")), 30.0)
+    assert q.status(30.0)["drops"] == {"truncated": 1, "bad_source": 1}
+    q.handle(IGMP.query(IGMP.lower), 31.0)
+    status = q.status(31.0)
+    assert (status["is_querier"], status["querier"], status["next_general_query_s"]) == (
+        False, "10.0.0.3", None)
+    assert status["other_querier_present_s"] == 255.0
 
 
 def _tshark(tmp_path: Path, packets: list[SendQuery]) -> str:
-    import dpkt
-
     path = tmp_path / "queries.pcap"
-    with path.open("wb") as f:
-        w = dpkt.pcap.Writer(f)
-        for i, a in enumerate(packets):
-            etype = 0x0800 if len(a.destination) == 4 else 0x86DD
-            frame = multicast_mac(a.destination) + bytes.fromhex("020000000001")
-            w.writepkt(frame + struct.pack("!H", etype) + a.packet, ts=float(i))
+    mac = bytes.fromhex("020000000001")
+    write_pcap(str(path), [(i * 10**9, frame_for_ip(a.packet, mac)) for i, a in enumerate(packets)])
     res = subprocess.run(["tshark", "-r", str(path), "-V", "-o", "ip.check_checksum:TRUE"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout
 
 
-@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 def test_tshark_dissects_our_queries_cleanly(tmp_path: Path) -> None:
+    require_tools("tshark")
     packets: list[SendQuery] = []
     for version in (1, 2, 3):
         q = Querier(4, QuerierParams(version=version), ROUTER, 0.0)
@@ -361,8 +443,8 @@ def test_tshark_dissects_our_queries_cleanly(tmp_path: Path) -> None:
         packets += [a for a in q.handle(codec_igmp.build_leave(HOST, G), 1.0)
                     if isinstance(a, SendQuery)]
     q = started()
-    q.handle(v3((MODE_IS_INCLUDE, G, (S1, S2))), 0.0)
-    packets += [a for a in q.handle(v3((BLOCK_OLD_SOURCES, G, (S1, S2))), 1.0)
+    q.handle(v3((IS_IN, G, (S1, S2))), 0.0)
+    packets += [a for a in q.handle(v3((BLOCK, G, (S1, S2))), 1.0)
                 if isinstance(a, SendQuery)]
     for version in (1, 2):
         m = Querier(6, QuerierParams(version=version), ip("fe80::1"), 0.0)

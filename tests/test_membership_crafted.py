@@ -32,6 +32,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Ether
 
+from igmp.messages import ALLOW, BLOCK, IS_EX, TO_EX, TO_IN
 from mcmw.lab import Lab
 from tap.ethernet import format_mac, multicast_mac
 from tests.test_membership_kernel import MARGIN, Query, Segment, assert_dissects_cleanly, queries
@@ -58,8 +59,6 @@ PARAMS: dict[str, Any] = {
 QI, GMI, OQPI = 2.0, 5.0, 4.5
 LMQC, LMQT = 2, 1.0
 MAX_GROUPS, MAX_SOURCES = 16, 400
-
-IS_IN, IS_EX, TO_IN, TO_EX, ALLOW, BLOCK = 1, 2, 3, 4, 5, 6
 
 HOST_MAC = "02:00:00:00:99:01"
 HOST4, HOST6 = "169.254.9.9", "fe80::9"

@@ -32,15 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from igmp import codec_igmp, codec_mld  # noqa: E402
 from igmp.checksum import inet_checksum  # noqa: E402
-from igmp.messages import (  # noqa: E402
-    ALLOW_NEW_SOURCES,
-    BLOCK_OLD_SOURCES,
-    CHANGE_TO_EXCLUDE_MODE,
-    CHANGE_TO_INCLUDE_MODE,
-    MODE_IS_EXCLUDE,
-    MODE_IS_INCLUDE,
-    GroupRecord,
-)
+from igmp.messages import ALLOW, BLOCK, IS_EX, IS_IN, TO_EX, TO_IN, GroupRecord  # noqa: E402
 from mcmw.capture import ETHERNET, LINUX_SLL, LINUX_SLL2, RAW_IP, relink, write_pcap  # noqa: E402
 from tap.ethernet import frame_for_ip  # noqa: E402
 
@@ -95,9 +87,9 @@ def report(args: argparse.Namespace, host: Host, kind: str) -> bytes:
             )
         return codec.build_report(args.version, host.address, host.group)
     if host.sources:
-        kinds = {"join": ALLOW_NEW_SOURCES, "current": MODE_IS_INCLUDE, "leave": BLOCK_OLD_SOURCES}
+        kinds = {"join": ALLOW, "current": IS_IN, "leave": BLOCK}
     else:
-        kinds = {"join": CHANGE_TO_EXCLUDE_MODE, "current": MODE_IS_EXCLUDE, "leave": CHANGE_TO_INCLUDE_MODE}
+        kinds = {"join": TO_EX, "current": IS_EX, "leave": TO_IN}
     sources = host.sources if host.sources else ()
     return codec.build_report(newest, host.address, records=[GroupRecord(kinds[kind], host.group, sources)])
 
