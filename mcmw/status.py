@@ -11,6 +11,9 @@ Beyond SPEC.md's keys (docs/operations.md lists them all), for scripts:
   Open gave (null when no Open was read), `role` is `dial` or `accept`, `count` how many
   such connections that address made so far. At most 64 addresses are kept (the oldest go).
 - `counters.connection_errors`: all connections that closed before their link came up.
+- `peers[].key_id` (up links): the id of the pre-shared key the link's session key derives
+  from (the dialer's signing key), null when the tree is not authenticated; during a key
+  roll it shows which links still run on the old key.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
                 dropped_auth=link.dropped_auth,
                 **link.reassembly.drops,
                 authenticated=link.auth is not None,
+                key_id=link.session_key_id if link.auth is not None else None,
                 up_s=round(now - link.opened_at, 1),
             )
         else:

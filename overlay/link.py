@@ -69,6 +69,7 @@ class PeerLink:
         self.dropped_queue = 0
         self.dropped_auth = 0
         self.peer_key_id = 0  # the pre-shared key the peer's Open was sealed with
+        self.session_key_id = 0  # the pre-shared key this connection's session derives from
         self.open_name: str | None = None  # the name the peer's Open gave, even if refused
         self.logged = False  # the node already logged why this connection failed
         self.forgotten = False  # the node has taken the link out of its tables
@@ -156,6 +157,8 @@ class PeerLink:
         if mine.udp_port and msg.udp_port and self.address is not None:
             self.udp_port = msg.udp_port
         if self.auth is not None:
+            # The session key derives from the dialer's pre-shared key.
+            self.session_key_id = self.auth.signing_id if self.dialer else peer_key_id
             if self.dialer:
                 self.auth.start_session(self.auth.signing_id, self.auth.nonce, msg.nonce)
             else:

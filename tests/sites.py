@@ -24,6 +24,7 @@ class Sites:
     sockets: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     veths: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # link -> devices
+    trees: dict[str, Path] = field(default_factory=dict)  # nodes with a tree file of their own
     doc: dict[str, Any] = field(
         default_factory=lambda: {
             "overlay": {"address_bits": 24, "mapping": "modulo"},
@@ -54,8 +55,25 @@ class Sites:
     def write(self) -> None:
         self.tree.write_text(yaml.safe_dump(self.doc, sort_keys=False))
 
+    def own_tree(self, name: str, overlay: dict[str, Any] | None = None, key: str | None = None) -> Path:
+        """A tree file for `name` alone, as on another host: the shared tree with `overlay`
+        changed, in a folder of its own, with its own key file when `key` is given. `start`
+        uses it from now on."""
+        folder = self.lab.workdir / f"host-{name}"
+        folder.mkdir(exist_ok=True)
+        doc = {**self.doc, "overlay": {**self.doc["overlay"], **(overlay or {})}}
+        if key is not None:
+            (folder / "psk.key").write_text(key)
+            (folder / "psk.key").chmod(0o600)
+            doc["overlay"]["secret_file"] = "psk.key"
+        path = folder / "tree.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.trees[name] = path
+        return path
+
     def start(self, name: str) -> None:
-        self.procs[name], self.sockets[name] = self.lab.start_node(self.ns[name], self.tree, name)
+        tree = self.trees.get(name, self.tree)
+        self.procs[name], self.sockets[name] = self.lab.start_node(self.ns[name], tree, name)
 
     def status(self, node: str) -> dict[str, Any]:
         status = status_or_none(self.sockets[node])

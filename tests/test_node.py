@@ -585,7 +585,10 @@ def test_keys_roll_with_two_key_ids_accepted_during_the_change(
     b = lone_node(tmp_path, "b", "host-b", "\n".join(b_keys) + "\n")
     d, acc = connect(a, "b", b)
     assert (d.up, acc.up) == (up, up)
-    if not up:
+    if up:  # both ends derive the session from the key a (the dialer) signed its Open with
+        assert d.session_key_id == acc.session_key_id == int(a_keys[0].split()[0])
+        assert peer_entry(b, "a")["key_id"] == d.session_key_id
+    else:
         assert "unknown key id" in b.status(1000.0)["connection_errors"]["10.0.0.1"]["reason"]
 
 

@@ -71,16 +71,16 @@ def main() -> None:
             for source in args.exclude:
                 mreq = group + anywhere + socket.inet_aton(source)
                 sock.setsockopt(socket.IPPROTO_IP, IP_BLOCK_SOURCE, mreq)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    print("joined", flush=True)
-
     by_source: dict[str, list[int]] = {}
     sizes: set[int] = set()
     corrupt = total = 0
     sock.settimeout(args.idle)
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
+        # Inside the try: a stop that comes at once still ends in a report.
+        print("joined", flush=True)
         while not args.count or total < args.count:
             try:
                 data, address = sock.recvfrom(65536)
