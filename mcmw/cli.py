@@ -13,8 +13,24 @@ class UsageError(Exception):
     """Bad usage or invalid input: printed as one line, exit 2."""
 
 
+SOCKET_DIR = "/run/mcmw"
+
+
 def default_socket(node: str) -> str:
-    return f"/run/mcmw/{node}.sock"
+    return f"{SOCKET_DIR}/{node}.sock"
+
+
+def only_socket() -> str:
+    """`mcmw status` with neither --node nor --socket: the one node that runs here."""
+    from pathlib import Path
+
+    sockets = sorted(Path(SOCKET_DIR).glob("*.sock"))
+    if len(sockets) == 1:
+        return str(sockets[0])
+    if not sockets:
+        raise OSError(f"no node at {SOCKET_DIR} (is mcmw run going?)")
+    names = ", ".join(path.stem for path in sockets)
+    raise UsageError(f"several nodes run here ({names}): give --node NAME or --socket PATH")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, metavar="TREE.yaml")
 
     p = sub.add_parser("status", help="show a running node's state")
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()  # neither: the one node running here
     where.add_argument("--node")
     where.add_argument("--socket", metavar="PATH")
     p.add_argument("--json", action="store_true")
@@ -101,7 +117,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from mcmw.control import show_status
 
-    return show_status(args.socket or default_socket(args.node), args.json)
+    if args.socket:
+        path = args.socket
+    elif args.node:
+        path = default_socket(args.node)
+    else:
+        path = only_socket()
+    return show_status(path, args.json)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

@@ -143,3 +143,57 @@ def test_map_with_a_broken_tree(tmp_path: Path) -> None:
 def test_map_rejects_a_unicast_address() -> None:
     line = assert_one_line_error(mcmw("map", "10.0.0.1"))
     assert "'10.0.0.1' is not a multicast group" in line
+
+
+BROKEN_MORE = {
+    "same-listen-address": (
+        "nodes:\n"
+        "  a: {listen: 127.0.0.1:7000, tap: {name: t0, address: 169.254.1.1/16}}\n"
+        "  b: {listen: 127.0.0.1:7000, tap: {name: t1, address: 169.254.1.2/16}}\n"
+        "links: [[a, b]]\n",
+        ":3: nodes.b.listen: 127.0.0.1:7000 is also the listen address of a",
+    ),
+    "bad-address": (
+        "nodes:\n"
+        "  a: {listen: 127.0.0.1:7000, tap: {name: t0, address: 169.254.1.300/16}}\n"
+        "links: []\n",
+        ":2: nodes.a.tap.address: '169.254.1.300/16' is not an IPv4 address/prefix",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_MORE))
+def test_check_rejects_more(tmp_path: Path, case: str) -> None:
+    text, expected = BROKEN_MORE[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    line = assert_one_line_error(mcmw("check", "-c", path))
+    assert line.startswith(f"mcmw check: {path}{expected}"), line
+
+
+def test_run_with_a_broken_tree_or_an_unknown_node_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Before it touches anything (no TAP, no socket): `run` reads the tree as `check` does."""
+    text, expected = BROKEN["cycle"]
+    path = tmp_path / "cycle.yaml"
+    path.write_text(text)
+    line = assert_one_line_error(mcmw("run", "-c", path, "--node", "a", "--socket", tmp_path / "a.sock"))
+    assert line.startswith(f"mcmw run: {path}{expected}"), line
+    good = REPO / "configs" / EXAMPLES[0].name
+    line = assert_one_line_error(mcmw("run", "-c", good, "--node", "nobody", "--socket", tmp_path / "x.sock"))
+    assert "no node named 'nobody'" in line
+
+
+def test_status_without_node_or_socket_asks_the_one_node_running_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcmw import cli
+
+    monkeypatch.setattr(cli, "SOCKET_DIR", str(tmp_path))
+    assert cli.main(["status"]) == 1
+    assert f"no node at {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "a.sock").touch()  # not a live socket: the error names the one it tried
+    assert cli.main(["status", "--json"]) == 1
+    assert str(tmp_path / "a.sock") in capsys.readouterr().err
+    (tmp_path / "b.sock").touch()
+    assert cli.main(["status"]) == 2
+    assert "several nodes run here (a, b): give --node NAME or --socket PATH" in capsys.readouterr().err
