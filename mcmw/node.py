@@ -46,6 +46,8 @@ LINK_LOCAL_V4 = b"\xe0\x00\x00"
 # Remote addresses whose failed connections the status keeps: bounded, because anyone who
 # can reach the listen port can make connections fail.
 MAX_CONNECTION_ERRORS = 64
+MAX_PEER_GROUPS = 65536
+MAX_PEER_SOURCES = 4096
 
 
 @dataclass
@@ -126,6 +128,11 @@ class Node:
         self.keys = load_keys(overlay.secret_file) if overlay.secret_file else None
         self.udp_peers: dict[tuple[str, int], PeerLink] = {}  # (address, port) -> up link
         self.udp_limit = overlay.udp_max_message
+        # What one neighbour may ask for: far above what the segments behind it can want
+        # (each querier keeps at most max_groups groups of max_sources sources), far
+        # below what would exhaust memory. Beyond: ignored and counted.
+        self.max_peer_groups = MAX_PEER_GROUPS
+        self.max_peer_sources = MAX_PEER_SOURCES
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -549,13 +556,27 @@ class Node:
             assert peer is not None
             updates: list[Update] = []
             touched: list[GroupRoute] = []
+            asks = self.interest.requested.get(peer, {})
+            over_limit = 0
             for route in msg.routes:
                 if not self.carries(route.group):
                     self.counters["ignored_boundary"] += 1
                     continue
+                if isinstance(msg, AddRoute) and (
+                    len(route.sources) > self.max_peer_sources
+                    or (route.group not in asks and len(asks) >= self.max_peer_groups)
+                ):
+                    over_limit += 1  # a flood: memory, not the tree's need
+                    continue
                 want = Filter(route.mode, frozenset(route.sources)) if isinstance(msg, AddRoute) else None
                 updates += self.interest.set_requested(peer, route.group, want)
                 touched.append(self._route(route.group))
+            if over_limit:
+                self.counters["ignored_route_limit"] += over_limit
+                log.warning(
+                    "%s asked for more than %d groups or %d sources a group: %d routes ignored",
+                    peer, self.max_peer_groups, self.max_peer_sources, over_limit,
+                )
             # One pass per message, however many routes it carries.
             self._apply(updates, now)
             for group_route in touched:

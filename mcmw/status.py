@@ -11,6 +11,8 @@ Beyond SPEC.md's keys (docs/operations.md lists them all), for scripts:
   Open gave (null when no Open was read), `role` is `dial` or `accept`, `count` how many
   such connections that address made so far. At most 64 addresses are kept (the oldest go).
 - `counters.connection_errors`: all connections that closed before their link came up.
+- `counters.ignored_route_limit`: Add-Route entries ignored because the neighbour already
+  had 65536 groups, or the entry named more than 4096 sources (a flood, not a need).
 - `peers[].key_id` (up links): the id of the pre-shared key the link's session key derives
   from (the dialer's signing key), null when the tree is not authenticated; during a key
   roll it shows which links still run on the old key.

@@ -841,3 +841,23 @@ def assert_spec_status(status: dict[str, object], node: str) -> None:
     assert isinstance(counters, dict)
     for key in ("forwarded", "delivered", "dropped_ttl", "dropped_malformed"):
         assert isinstance(counters[key], int), key
+
+
+def test_a_neighbour_asking_for_too_much_is_bounded_and_counted(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    a, b = net.nodes["a"], net.nodes["b"]
+    b.max_peer_groups, b.max_peer_sources = 50, 8
+    routes = [codec.Route(0, bytes([239, 9, i // 256, i % 256])) for i in range(80)]
+    many = codec.Route(0, bytes([239, 8, 0, 1]), "include", tuple(bytes([10, 0, 0, i]) for i in range(9)))
+    a_link = a.links["b"]
+    for message in codec.encode_routes(True, [*routes, many]):
+        a_link.send(message)
+    net.pump()
+    assert len(b.interest.requested["a"]) == 50
+    assert b.counters["ignored_route_limit"] == 31
+    assert b.links["a"].up and a_link.up  # ignored, not a reason to drop a neighbour
+    # Asks it already holds may still change, and withdrawals always apply.
+    a_link.send(codec.encode(codec.AddRoute((replace(routes[0], mode="include", sources=(bytes(4),)),))))
+    a_link.send(codec.encode(codec.RemoveRoute(tuple(routes[1:11]))))
+    net.pump()
+    assert len(b.interest.requested["a"]) == 40 and b.counters["ignored_route_limit"] == 31
