@@ -400,6 +400,23 @@ def ip_frame(src: str, dst: str, l4: dpkt.Packet, macs: tuple[bytes, bytes]) -> 
     return bytes(dpkt.ethernet.Ethernet(src=macs[0], dst=macs[1], type=ethertype, data=ip))
 
 
+# -- reading with progress -----------------------------------------------------------
+
+
+def frames_with_progress(path: str, label: str) -> Iterator[Frame]:
+    """The frames of `path`, drawing a progress bar labelled `label` on a terminal (by
+    bytes read) while the caller works through them; damage raises CaptureError after
+    the frames before it. The one reading loop of decode, replay and replay --live."""
+    with CaptureReader(path) as reader:
+        progress = Progress(label, reader.size)
+        try:
+            for frame in reader.frames():
+                yield frame
+                progress.update(reader.position, f"frame {frame.number}")
+        finally:
+            progress.close()
+
+
 # -- progress ----------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import dpkt
 from igmp import codec_igmp, codec_mld
 from igmp.errors import Malformed
 from igmp.messages import Message
-from mcmw.capture import CaptureError, CaptureReader, Frame, Progress, link_layer
+from mcmw.capture import CaptureError, Frame, frames_with_progress, link_layer
 from mcmw.node import PROTO_IGMP, carried, is_mld
 from overlay import codec
 from overlay.auth import IntegrityError, split_integrity
@@ -500,19 +500,17 @@ def pipe_closed() -> None:
 def decode_main(args: argparse.Namespace) -> int:
     """`mcmw decode FILE [--json]`; a damaged capture is decoded up to the damage, then exit 2."""
     decoder = Decoder()
-    with CaptureReader(args.file) as reader:
-        progress = Progress("decode", reader.size)
-        try:
-            for frame in reader.frames():
-                rec = decoder.frame(frame)
-                print(json.dumps(rec) if args.json else format_line(rec))
-                progress.update(reader.position, f"frame {frame.number}")
-        except BrokenPipeError:
-            pipe_closed()
-            return 0
-        except CaptureError:
-            sys.stdout.flush()
-            raise
-        finally:
-            progress.close()
+    frames = frames_with_progress(args.file, "decode")
+    try:
+        for frame in frames:
+            rec = decoder.frame(frame)
+            print(json.dumps(rec) if args.json else format_line(rec))
+    except BrokenPipeError:
+        pipe_closed()
+        return 0
+    except CaptureError:
+        sys.stdout.flush()
+        raise
+    finally:
+        frames.close()  # the bar is taken down before any error line is printed
     return 0

@@ -35,11 +35,10 @@ import dpkt
 from mcmw.capture import (
     NS,
     CaptureError,
-    CaptureReader,
     Frame,
-    Progress,
     TcpFlow,
     ethernet_frame,
+    frames_with_progress,
     link_layer,
     udp_frame,
     write_pcap,
@@ -449,18 +448,16 @@ def replay_main(args: argparse.Namespace) -> int:
         return live(args, tree)
     replay: Replay | None = None
     damage: CaptureError | None = None
-    with CaptureReader(args.file) as reader:
-        progress = Progress("replay", reader.size)
-        try:
-            for frame in reader.frames():
-                if replay is None:
-                    replay = Replay(tree, args.node, frame.ts_ns, record=bool(args.out))
-                replay.feed(frame)
-                progress.update(reader.position, f"frame {frame.number}")
-        except CaptureError as exc:
-            damage = exc  # replay what could be read, then report the damage
-        finally:
-            progress.close()
+    frames = frames_with_progress(args.file, "replay")
+    try:
+        for frame in frames:
+            if replay is None:
+                replay = Replay(tree, args.node, frame.ts_ns, record=bool(args.out))
+            replay.feed(frame)
+    except CaptureError as exc:
+        damage = exc  # replay what could be read, then report the damage
+    finally:
+        frames.close()
     if replay is None:
         replay = Replay(tree, args.node, 0, record=bool(args.out))
     result = replay.report(args.file)
@@ -499,10 +496,10 @@ def live(args: argparse.Namespace, tree: TreeConfig) -> int:
         raise OSError(f"cannot send on {ifname}: {exc.strerror or exc} (is the node running here?)") from None
     began = time.monotonic()
     first: int | None = None
-    with sock, CaptureReader(args.file) as reader:
-        progress = Progress("replay", reader.size)
+    frames = frames_with_progress(args.file, "replay")
+    with sock:
         try:
-            for frame in reader.frames():
+            for frame in frames:
                 first = frame.ts_ns if first is None else first
                 ethernet = ethernet_frame(frame)
                 if ethernet is None or ethernet[6:12] in own:
@@ -517,9 +514,8 @@ def live(args: argparse.Namespace, tree: TreeConfig) -> int:
                     counts["sent"] += 1
                 except OSError:
                     counts["failed"] += 1  # e.g. larger than the TAP's MTU
-                progress.update(reader.position, f"frame {frame.number}")
         finally:
-            progress.close()
+            frames.close()
     result = {"node": args.node, "tap": ifname, "seconds": round(time.monotonic() - began, 3), **counts}
     if args.json:
         print(json.dumps(result))

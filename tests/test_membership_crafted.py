@@ -34,7 +34,7 @@ from scapy.layers.l2 import Ether
 
 from igmp.messages import ALLOW, BLOCK, IS_EX, TO_EX, TO_IN
 from mcmw.lab import Lab
-from tap.ethernet import format_mac, multicast_mac
+from tap.ethernet import format_mac, link_local_from_mac, multicast_mac
 from tests.test_membership_kernel import MARGIN, Query, Segment, assert_dissects_cleanly, queries
 
 with warnings.catch_warnings():  # newer scapy moved these to scapy.layers.igmp; 2.5 has only these
@@ -171,6 +171,8 @@ def test_querier_election_with_a_lower_and_a_higher_address(lab: Lab) -> None:
     seg = segment(lab)
     own4 = seg.address
     own6 = seg.status()["queriers"]["mld"]["address"]
+    # MLD queries come from the link-local address of the node's MAC (modified EUI-64).
+    assert own6 == str(ipaddress.IPv6Address(link_local_from_mac(seg.mac))), own6
     seg.until(
         lambda: all(len(general(queries(seg.sent()), f)) >= 2 for f in (4, 6)),
         QI + MARGIN,
@@ -244,6 +246,7 @@ def test_querier_election_with_a_lower_and_a_higher_address(lab: Lab) -> None:
     silent = [q for q in queries(frames) if t_lower + 0.05 < q.t < t_asked + OQPI - 0.1]
     assert silent == [], f"queries sent while another router was querier: {silent}"
     assert [q for q in queries(frames) if q.wire_problems() or (q.qrv, q.qqic) != (2, 2)] == []
+    assert {q.src for q in queries(frames)} == {own4, own6}
     assert_dissects_cleanly(frames, lab.workdir / "election.pcap")
     assert seg.drops() == Counter()
 

@@ -22,7 +22,6 @@ import dataclasses
 import ipaddress
 import json
 import select
-import shutil
 import struct
 import subprocess
 import sys
@@ -37,9 +36,10 @@ from typing import Any
 import pytest
 import yaml
 
+from mcmw.capture import CaptureReader, write_pcap
 from mcmw.lab import Lab, LabError, run, status_or_none, wait_for
 from tap.ethernet import multicast_mac, router_mac
-from tests.apps.frame_tap import read_pcap, write_pcap
+from tests.netlab import require_tools
 from tests.sites import received
 
 pytestmark = pytest.mark.privileged
@@ -210,7 +210,8 @@ class Segment:
         assert self.tap is not None
         path = self.lab.workdir / f"{self.node}-{time.monotonic_ns()}.pcap"
         self.tap.ask(f"save {path}")
-        return read_pcap(str(path))
+        with CaptureReader(str(path)) as reader:
+            return [(frame.time, frame.data) for frame in reader.frames()]
 
     def sent(self) -> list[tuple[float, bytes]]:
         """The frames the node wrote into its TAP (its source MAC)."""
@@ -404,10 +405,9 @@ def host_messages(frames: list[tuple[float, bytes]], router: bytes) -> dict[str,
 def assert_dissects_cleanly(frames: list[tuple[float, bytes]], path: Path) -> int:
     """Every frame (the node's queries) dissects in tshark as IGMP or MLD, with no
     Malformed mark, no expert error and no bad checksum. Returns how many frames."""
-    if shutil.which("tshark") is None:
-        pytest.skip("needs tshark")
+    require_tools("tshark")
     assert frames, "no frames to dissect"
-    write_pcap(str(path), frames)
+    write_pcap(str(path), [(round(t * 1e9), frame) for t, frame in frames])
 
     def tshark(*args: str) -> list[str]:
         proc = subprocess.run(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,19 +26,20 @@ from scapy.layers.l2 import ARP, Ether
 from igmp import codec_igmp
 from igmp.checksum import inet_checksum
 from igmp.messages import CHANGE_TO_EXCLUDE_MODE, GroupRecord
-from mcmw.capture import TcpFlow, udp_frame, write_pcap
+from mcmw.capture import CaptureError, CaptureReader, Frame, TcpFlow, udp_frame, write_pcap
 from mcmw.cli import main
 from mcmw.lab import Lab, wait_for
 from overlay import codec
 from tap.ethernet import frame_for_ip, router_mac
 from tests.sites import make_sites
-from tests.test_decode import Capture, assert_agree, decode, needs_capture_tools, needs_tshark
+from tests.test_decode import Capture, assert_agree, decode
 from tools import mkcapture
 
 ROOT = Path(__file__).resolve().parent.parent
 
 T0 = 1_700_000_000 * 10**9
 HOST_MAC = b"\x02\x00\x00\x00\x00\x09"
+HOST_MAC_TEXT = "02:00:00:00:00:09"
 TREE = """
 overlay: {{address_bits: 24, mapping: modulo{extra}}}
 nodes:
@@ -85,6 +88,23 @@ def datagram(src: str, group: str, ttl: int = 16) -> bytes:
         / UDP(sport=9, dport=5004)
         / (b"x" * 64)
     )
+
+
+def read(path: Path) -> list[Frame]:
+    with CaptureReader(str(path)) as reader:
+        return list(reader.frames())
+
+
+def frames_in(path: Path) -> int:
+    """How many whole frames a capture being written holds so far."""
+    count = 0
+    with CaptureReader(str(path)) as reader:
+        try:
+            for _ in reader.frames():
+                count += 1
+        except CaptureError:
+            pass  # the writer is in the middle of a record
+    return count
 
 
 def write(path: Path, timed: list[tuple[float, bytes]]) -> Path:
@@ -237,7 +257,6 @@ def test_the_same_capture_gives_the_same_bytes(tmp_path: Path) -> None:
     assert b"(up)" in outputs[0][1]
 
 
-@needs_tshark
 def test_out_reads_in_tshark_and_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capture = tmp_path / "hosts.pcap"
     mkcapture.build(["-o", str(capture), "--hosts", "10", "--sources", "2", "--duration", "400"])
@@ -251,6 +270,47 @@ def test_out_reads_in_tshark_and_decode(tmp_path: Path, capsys: pytest.CaptureFi
     assert not any(f["malformed"] for f in frames)
     queries = [f for f in frames if f["protocol"] in ("igmp", "mld")]
     assert len(queries) == report["tap"]["queries"]
+
+
+def on_terminal(argv: list[str]) -> tuple[bytes, bytes]:
+    """Run `argv` with stderr on a pseudo-terminal and stdout in a pipe: (stdout, what
+    the terminal got)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)  # ends with EIO once the child closed the terminal
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, seen
+    return out, seen
+
+
+def test_progress_bar_on_a_terminal_and_none_in_a_pipe(tmp_path: Path) -> None:
+    capture = tmp_path / "hosts.pcap"
+    made = mkcapture.build(["-o", str(capture), "--hosts", "40", "--duration", "600"])
+    mcmw = [sys.executable, "-m", "mcmw"]
+    for label, argv in (
+        ("decode", [*mcmw, "decode", str(capture)]),
+        ("replay", [*mcmw, "replay", str(capture), "-c", str(tree(tmp_path)), "--node", "b"]),
+    ):
+        out, terminal = on_terminal(argv)
+        # A bar of the file read so far, redrawn in place, taken down at the end; none of
+        # it in the output proper.
+        assert re.search(rb"\r" + label.encode() + rb" \[#* *\] +\d+% frame \d+\x1b\[K", terminal), terminal
+        assert terminal.endswith(b"\r\x1b[K") and b"\x1b" not in out and b"\r" not in out
+        piped = subprocess.run(argv, capture_output=True, check=True, timeout=60)
+        assert piped.stderr == b""
+        assert piped.stdout == out
+        if label == "decode":
+            assert len(out.splitlines()) == made["frames"]
 
 
 def test_a_damaged_capture_replays_up_to_the_damage_then_exit_2(
@@ -279,7 +339,6 @@ def test_a_damaged_capture_replays_up_to_the_damage_then_exit_2(
 
 
 @pytest.mark.privileged
-@needs_capture_tools
 def test_a_live_run_replayed_into_a_fresh_node_ends_in_the_live_state(lab: Lab, tmp_path: Path) -> None:
     """Two sites; b's TAP is captured while its host joins (any source, source-specific,
     IPv6) and a streams to it. Replaying the capture into a fresh b gives b's live
@@ -384,6 +443,23 @@ def test_a_live_run_replayed_into_a_fresh_node_ends_in_the_live_state(lab: Lab, 
     wait_for(
         lambda: sites.group("b", "239.8.8.1") and sites.group("b", "239.8.8.2"), 5, "b to learn the hosts"
     )
+
+    # --live at the capture's pace times --speed: five joins 0.4 s apart in the capture,
+    # at speed 4, reach the TAP 0.1 s apart, as a capture on the TAP shows.
+    joins = [(0.4 * i, join(f"169.254.101.{i + 1}", f"239.9.9.{i + 1}")) for i in range(5)]
+    paced, on_tap_path = write(tmp_path / "paced.pcap", joins), lab.workdir / "paced-tap.pcap"
+    tcpdump = ["tcpdump", "-i", "mcmw0", "-U", "-w", str(on_tap_path), "ether", "src", HOST_MAC_TEXT]
+    on_tap = Capture(lab, sites.ns["b"], on_tap_path, tcpdump, "listening on")
+    argv[argv.index(str(synthetic))] = str(paced)
+    argv[argv.index("--speed") + 1] = "4"
+    result = json.loads(lab.exec(sites.ns["b"], argv).stdout)
+    assert result["sent"] == 5 and 0.4 <= result["seconds"] < 0.4 + 0.5, result
+    groups = [f"239.9.9.{i + 1}" for i in range(5)]
+    wait_for(lambda: all(sites.group("b", g) for g in groups), 5, "b to learn the paced joins")
+    wait_for(lambda: frames_in(on_tap_path) == 5, 3, "the paced joins in the TAP capture")
+    stamps = [frame.ts_ns / 1e9 for frame in read(on_tap.stop())]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert all(abs(gap - 0.1) < 0.05 for gap in gaps), gaps
     member.stdin.write("quit\n")
     member.stdin.flush()
     member.wait(timeout=5)

@@ -12,9 +12,8 @@ with one JSON line:
     quit
 
 Frames this socket injects are kept in the capture too (the kernel does not loop them
-back to their own socket), so the pcap shows the whole exchange.
-
-Importable: `read_pcap` and `write_pcap` are the small pcap reader/writer the tests use.
+back to their own socket), so the pcap shows the whole exchange. The file is written by
+mcmw.capture, the project's one pcap writer; read it back with mcmw.capture.CaptureReader.
 """
 
 from __future__ import annotations
@@ -23,45 +22,13 @@ import json
 import os
 import selectors
 import socket
-import struct
 import sys
 import time
-from collections.abc import Iterable
+
+from mcmw.capture import write_pcap
 
 ETH_P_ALL = 0x0003
-PCAP_MAGIC = 0xA1B2C3D4
-LINKTYPE_ETHERNET = 1
 SNAPLEN = 65535
-
-
-def write_pcap(path: str, frames: Iterable[tuple[float, bytes]]) -> int:
-    """Write (time, frame) pairs as a classic little-endian pcap; return how many."""
-    count = 0
-    with open(path, "wb") as out:
-        out.write(struct.pack("<IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
-        for stamp, frame in frames:
-            seconds = int(stamp)
-            micros = int(round((stamp - seconds) * 1e6))
-            if micros >= 1_000_000:
-                seconds, micros = seconds + 1, micros - 1_000_000
-            out.write(struct.pack("<IIII", seconds, micros, len(frame), len(frame)) + frame)
-            count += 1
-    return count
-
-
-def read_pcap(path: str) -> list[tuple[float, bytes]]:
-    """(time, frame) pairs of a classic microsecond pcap written by `write_pcap`."""
-    with open(path, "rb") as src:
-        data = src.read()
-    magic = struct.unpack_from("<I", data)[0]
-    endian = "<" if magic == PCAP_MAGIC else ">"
-    offset, frames = 24, []
-    while offset + 16 <= len(data):
-        seconds, micros, incl, _orig = struct.unpack_from(endian + "IIII", data, offset)
-        offset += 16
-        frames.append((seconds + micros / 1e6, data[offset : offset + incl]))
-        offset += incl
-    return frames
 
 
 def main() -> None:
@@ -113,7 +80,8 @@ def main() -> None:
                             captured.append((time.monotonic(), frame))
                         reply = {"ok": True, "t": time.monotonic()}
                     elif words[0] == "save":
-                        reply = {"ok": True, "frames": write_pcap(words[1], captured)}
+                        stamped = ((round(t * 1e9), frame) for t, frame in captured)
+                        reply = {"ok": True, "frames": write_pcap(words[1], stamped)}
                     else:
                         reply = {"ok": False, "error": f"unknown command {words[0]!r}"}
                 except (OSError, ValueError) as exc:
