@@ -48,6 +48,7 @@ LINK_LOCAL_V4 = b"\xe0\x00\x00"
 MAX_CONNECTION_ERRORS = 64
 MAX_PEER_GROUPS = 65536
 MAX_PEER_SOURCES = 4096
+FRAGMENT_OVERHEAD = codec.HEADER_LEN + codec.OBJECT_HEADER_LEN + 8 + codec.OBJECT_HEADER_LEN + 12
 
 
 @dataclass
@@ -368,7 +369,8 @@ class Node:
                 if len(link.datagrams) >= link.DATAGRAM_LIMIT:
                     link.dropped_queue += 1
                     continue
-                if total > self.udp_limit:
+                # The limit is on the datagram as sent, Integrity object included.
+                if total + (INTEGRITY_LEN if link.auth else 0) > self.udp_limit:
                     self._send_fragments(link, address, packet, size)
                 else:
                     link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
@@ -386,7 +388,9 @@ class Node:
 
     def _send_fragments(self, link: PeerLink, address: int, packet: bytes | bytearray, size: int) -> None:
         """A packet too big for one datagram, in IP-Data fragments that each fit."""
-        overhead = 32 + (INTEGRITY_LEN if link.auth else 0)  # IP-Data head, fragment object
+        # Header 8, the piece's ClientSI head 12 (object header, address, sequence), the
+        # fragment ClientSI 16; and the Integrity object when sealed.
+        overhead = FRAGMENT_OVERHEAD + (INTEGRITY_LEN if link.auth else 0)
         step = (self.udp_limit - overhead) & ~7
         link.fragment_id = packet_id = (link.fragment_id + 1) & 0xFFFFFFFF
         for offset in range(0, size, step):

@@ -32,13 +32,19 @@ class Net:
     """Three nodes a-b-c, their links carried in memory, one virtual clock."""
 
     def __init__(
-        self, tmp_path: Path, bits: int = 24, ttl: str = "hop", udp: bool = False, key: str | None = None
+        self,
+        tmp_path: Path,
+        bits: int = 24,
+        ttl: str = "hop",
+        udp: bool = False,
+        key: str | None = None,
+        overlay: str = "",
     ) -> None:
         path = tmp_path / "tree.yaml"
-        secret = ""
+        secret = overlay  # more overlay keys, e.g. ", udp_max_message: 600"
         if key is not None:
             (tmp_path / "psk.key").write_text(key)
-            secret = ", secret_file: psk.key"
+            secret += ", secret_file: psk.key"
         path.write_text(TREE.format(bits=bits, ttl=ttl, secret=secret, udp=", udp: 7001" if udp else ""))
         tree = load_tree(path)
         self.now = 1000.0
@@ -297,7 +303,24 @@ def test_udp_channel_carries_data_and_counts_loss(tmp_path: Path) -> None:
     net.frames("a", datagram("239.1.1.1", payload=b"y" * 8000))
     (big,) = net.data_out("c")
     assert len(big) == 14 + 20 + 8 + 8000 and big.endswith(b"y" * 8000)
-    assert all(len(d) <= 1400 for d in a_link.datagrams)
+
+
+@pytest.mark.parametrize("limit", [1400, 600])
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "authenticated"])
+def test_no_datagram_exceeds_udp_max_message_integrity_included(
+    tmp_path: Path, limit: int, key: str | None
+) -> None:
+    net = Net(tmp_path, udp=True, key=key, overlay=f", udp_max_message: {limit}")
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a, a_link = net.nodes["a"], net.nodes["a"].links["b"]
+    for size in [*range(limit - 120, limit + 40, 4), 1472, 8000]:
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        a.tap_frames([datagram("239.1.1.1", payload=payload)], net.now)
+        sizes = [len(d) for d in a_link.datagrams]
+        assert max(sizes) <= limit, f"a {size}-byte payload left in datagrams of {sizes}"
+        net.pump()
+        (got,) = net.data_out("c")
+        assert got[14 + 28 :] == payload
 
 
 def test_authenticated_links_come_up_and_carry_data(tmp_path: Path) -> None:
