@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dpkt import pcapng
 from scapy.layers.igmp import IGMP, IGMPv3_MQ, IGMPv3_MR, IGMPv3_MR_Group
 from scapy.layers.inet import IP, UDP, IPOption_Router_Alert
 from scapy.layers.inet6 import (
@@ -184,7 +185,15 @@ def peer_stream() -> list[bytes]:
 
 
 def write(path: Path, frames: list[bytes], linktype: int = ETHERNET) -> Path:
-    write_pcap(str(path), [(T0 + i * 1000, relink(f, linktype)) for i, f in enumerate(frames)], linktype)
+    """A pcap (or, for a .pcapng path, a pcapng written by dpkt) of `frames` in `linktype`."""
+    timed = [(T0 + i * 1000, relink(f, linktype)) for i, f in enumerate(frames)]
+    if path.suffix != ".pcapng":
+        write_pcap(str(path), timed, linktype)
+        return path
+    with path.open("wb") as out:
+        writer = pcapng.Writer(out, linktype=linktype)
+        for ts_ns, data in timed:
+            writer.writepkt(data, ts=ts_ns / 1e9)
     return path
 
 
@@ -348,9 +357,12 @@ def assert_agree(path: Path, *options: str) -> list[dict[str, Any]]:
 # -- crafted frames ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("linktype", [ETHERNET, LINUX_SLL, LINUX_SLL2, RAW_IP])
-def test_crafted_frames_read_as_tshark_reads_them(tmp_path: Path, linktype: int) -> None:
-    ours = assert_agree(write(tmp_path / "crafted.pcap", crafted(), linktype))
+@pytest.mark.parametrize(
+    "linktype,suffix",
+    [*((link, ".pcap") for link in (ETHERNET, LINUX_SLL, LINUX_SLL2, RAW_IP)), (LINUX_SLL2, ".pcapng")],
+)
+def test_crafted_frames_read_as_tshark_reads_them(tmp_path: Path, linktype: int, suffix: str) -> None:
+    ours = assert_agree(write(tmp_path / f"crafted{suffix}", crafted(), linktype))
     kinds = {(o["protocol"], o["version"], o["type"]) for o in ours if not o["malformed"]}
     assert kinds >= {
         ("igmp", 1, "query"),

@@ -371,6 +371,17 @@ IGMP_KINDS = {0x12: "igmp_v1_report", 0x16: "igmp_v2_report", 0x17: "igmp_v2_lea
 MLD_KINDS = {131: "mld_v1_report", 132: "mld_v1_done"}
 
 
+def record_groups(report: bytes, width: int) -> list[str]:
+    """The group of each record of an IGMPv3 (`width` 4) or MLDv2 (16) report, read
+    independently of igmp/ (RFC 3376 4.2, RFC 3810 5.2: the same layout)."""
+    groups, offset = [], 8
+    for _ in range(struct.unpack_from("!H", report, 6)[0]):
+        _, aux, count = struct.unpack_from("!BBH", report, offset)
+        groups.append(str(ipaddress.ip_address(report[offset + 4 : offset + 4 + width])))
+        offset += 4 + width + width * count + 4 * aux
+    return groups
+
+
 def host_messages(frames: list[tuple[float, bytes]], router: bytes) -> dict[str, set[str]]:
     """Per group, the kinds of membership message the hosts (every sender but the
     router's MAC) sent about it: `igmp_v2_leave`, `mld_v2_report`, ..."""
@@ -384,21 +395,15 @@ def host_messages(frames: list[tuple[float, bytes]], router: bytes) -> dict[str,
             if len(igmp) >= 8 and igmp[0] in IGMP_KINDS:
                 out[str(ipaddress.IPv4Address(igmp[4:8]))].add(IGMP_KINDS[igmp[0]])
             elif len(igmp) >= 8 and igmp[0] == 0x22:
-                offset = 8
-                for _ in range(struct.unpack_from("!H", igmp, 6)[0]):
-                    _, aux, count = struct.unpack_from("!BBH", igmp, offset)
-                    out[str(ipaddress.IPv4Address(igmp[offset + 4 : offset + 8]))].add("igmp_v3_report")
-                    offset += 8 + 4 * count + 4 * aux
+                for group in record_groups(igmp, 4):
+                    out[group].add("igmp_v3_report")
         elif frame[12:14] == b"\x86\xdd" and len(frame) >= 62 and frame[20] == 0 and frame[54] == 58:
             mld = frame[54 + (frame[55] + 1) * 8 : 54 + struct.unpack_from("!H", frame, 18)[0]]
             if len(mld) >= 24 and mld[0] in MLD_KINDS:
                 out[str(ipaddress.IPv6Address(mld[8:24]))].add(MLD_KINDS[mld[0]])
             elif len(mld) >= 8 and mld[0] == 143:
-                offset = 8
-                for _ in range(struct.unpack_from("!H", mld, 6)[0]):
-                    _, aux, count = struct.unpack_from("!BBH", mld, offset)
-                    out[str(ipaddress.IPv6Address(mld[offset + 4 : offset + 20]))].add("mld_v2_report")
-                    offset += 20 + 16 * count + 4 * aux
+                for group in record_groups(mld, 16):
+                    out[group].add("mld_v2_report")
     return out
 
 
