@@ -142,8 +142,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {peer['name']:<12} {peer['state']:<5} tx {peer['tx_packets']} "
             f"rx {peer['rx_packets']}{rtt}{why}"
         )
+    if status.get("connection_errors"):
+        lines.append("failed connections (before up):")
     for address, failed in status.get("connection_errors", {}).items():
-        who = f" ({failed['node']})" if failed.get("node") else ""
+        # repr: the name comes from whoever connected; it must not break the lines.
+        who = f" ({failed['node']!r})" if failed.get("node") else ""
         lines.append(
             f"  {address}{who}: {failed['count']} failed connection(s), last {failed['last_s_ago']}s ago: "
             f"{failed['reason']}"
