@@ -501,7 +501,7 @@ class Node:
         if seq != link.rx_next:
             link.count_seq(seq)
         else:
-            link.rx_next = seq + 1
+            link.rx_next = (seq + 1) & 0xFFFFFFFF
         if (
             cnum != codec.CNUM_CLIENT_SI
             or ctype != 1

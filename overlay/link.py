@@ -18,6 +18,11 @@ from overlay.codec import Close, KeepAlive, Open
 from overlay.reassembly import Reassembler
 
 OPENING, CONFIRMING, UP, CLOSED = "opening", "confirming", "up", "closed"
+SEQ_MASK = 0xFFFFFFFF  # sequence numbers are 32-bit fields on the wire
+# An authenticated link is closed (and redialed, with a new session key) this far before
+# its sequence numbers would wrap: after a wrap the replay checks would refuse everything,
+# and a recorded message would look new again.
+SEQ_LIMIT = 2**32 - 2**24
 
 
 class PeerLink:
@@ -55,6 +60,7 @@ class PeerLink:
         self.udp_port = 0  # the peer's UDP data port, when both ends have one
         self.seq = 0
         self.rx_next = 0
+        self.rx_started = False
         self.opened_at = now
         self.last_rx = now
         self.last_keepalive = now
@@ -188,13 +194,16 @@ class PeerLink:
         self.close_code, self.close_reason = msg.code, f"peer closed: {msg.reason}"
 
     def count_seq(self, seq: int) -> None:
-        """Loss and reordering of the peer's data, from its per-link sequence numbers."""
-        expected = self.rx_next
-        if seq == expected or expected == 0:
-            self.rx_next = seq + 1
-        elif seq > expected:
-            self.rx_lost += seq - expected
-            self.rx_next = seq + 1
+        """Loss and reordering of the peer's data, from its per-link sequence numbers, in
+        serial-number arithmetic (RFC 1982): they wrap after 2^32 messages."""
+        if not self.rx_started:
+            self.rx_started = True
+            self.rx_next = (seq + 1) & SEQ_MASK
+            return
+        ahead = (seq - self.rx_next) & SEQ_MASK
+        if ahead < 2**31:
+            self.rx_lost += ahead
+            self.rx_next = (seq + 1) & SEQ_MASK
         else:
             self.rx_reordered += 1
             self.rx_lost = max(0, self.rx_lost - 1)
@@ -205,6 +214,9 @@ class PeerLink:
             return
         if now - self.last_rx >= self.dead_interval:
             self.close(codec.CLOSE_DEAD, f"nothing heard for {self.dead_interval:g}s", now)
+        elif self.auth is not None and max(self.auth.tx_seq, self.seq) >= SEQ_LIMIT:
+            reason = "sequence numbers nearly used up: reconnect for a new session key"
+            self.close(codec.CLOSE_NORMAL, reason, now)
         elif self.state == UP and now - self.last_keepalive >= self.keepalive_interval:
             # Sent even while data flows: keep-alives also measure the round-trip time.
             self.keepalive(now)

@@ -884,3 +884,53 @@ def test_a_neighbour_asking_for_too_much_is_bounded_and_counted(tmp_path: Path) 
     a_link.send(codec.encode(codec.RemoveRoute(tuple(routes[1:11]))))
     net.pump()
     assert len(b.interest.requested["a"]) == 40 and b.counters["ignored_route_limit"] == 31
+
+
+def test_sequence_numbers_wrap_without_counting_loss_or_reordering(tmp_path: Path) -> None:
+    net = Net(tmp_path, udp=True)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a, b = net.nodes["a"], net.nodes["b"]
+    a.links["b"].seq = 2**32 - 4  # as after four billion messages
+    for _ in range(6):  # seq 2^32 - 3 ... 2^32 - 1, then 0, 1, 2
+        net.frames("a", datagram("239.1.1.1"))
+    b_link = b.links["a"]
+    assert (b_link.rx_lost, b_link.rx_reordered) == (0, 0)
+    a.tap_frames([datagram("239.1.1.1")], net.now)
+    a.links["b"].datagrams.clear()  # seq 3 lost
+    for _ in range(2):
+        net.frames("a", datagram("239.1.1.1"))
+    assert (b_link.rx_lost, b_link.rx_reordered) == (1, 0)
+    assert len(net.data_out("c")) == 8
+
+
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+def test_an_authenticated_link_renews_its_session_before_sequence_numbers_wrap(
+    tmp_path: Path, udp: bool
+) -> None:
+    """After a wrap the replay checks would refuse everything (and a recorded message would
+    be new again): the link closes first, with the reason, and a new connection has a new
+    session key and sequence numbers from 1."""
+    from overlay.link import SEQ_LIMIT
+
+    net = Net(tmp_path, udp=udp, key=KEY)
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    a, b = net.nodes["a"], net.nodes["b"]
+    link = a.links["b"]
+    assert link.auth is not None
+    if udp:
+        link.seq = SEQ_LIMIT - 2
+    else:
+        link.auth.tx_seq = SEQ_LIMIT - 2
+    net.frames("a", datagram("239.1.1.1"))
+    assert len(net.data_out("c")) == 1 and link.up
+    net.frames("a", datagram("239.1.1.1"))
+    net.advance(0.25)
+    net.data_out("c")
+    assert link.state == "closed" and "b" not in a.links and "a" not in b.links
+    assert "reconnect for a new session key" in link.close_reason
+    assert "a" not in b.links and "reconnect for a new session key" in peer_entry(b, "a")["last_error"]
+    net.connect("a", "b")  # the dialer redials
+    assert a.links["b"].up and a.links["b"].seq == 0 and a.links["b"].auth.tx_seq < 10
+    net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+    net.frames("a", datagram("239.1.1.1"))
+    assert len(net.data_out("c")) == 1
