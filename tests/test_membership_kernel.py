@@ -144,14 +144,26 @@ class Segment:
         self.proc: subprocess.Popen[Any] | None = None
         self.member: Helper | None = None
         self.tap: Helper | None = None
+        self.expected_drops: set[str] = set()  # drop reasons the host's start-up may cause
 
     def start(self, igmp_host: int | None = None, mld_host: int | None = None) -> Segment:
-        """Start the node, then the helpers; force the kernel's versions if asked."""
-        self.proc, self.socket = self.lab.start_node(self.ns, self.tree, self.node)
+        """Force the kernel's versions if asked, then start the node and the helpers.
+
+        The versions are forced for the whole namespace (`all`) before the TAP exists:
+        forced only on the TAP after the node started, the kernel could still answer the
+        node's first general query, heard before, with an IGMPv3/MLDv2 report that lists
+        the groups joined meanwhile (its general-query response timer does not look at
+        the forced version when it fires). An MLDv1 host sends its first report at once
+        when the TAP comes up, before it has a usable link-local address: from ::, which
+        the node must drop (RFC 3810 5.2.13), so such a segment starts with that drop
+        counted (`expected_drops`)."""
+        if mld_host == 1:
+            self.expected_drops = {"mld.bad_source"}
         if igmp_host is not None:
-            self.sysctl(f"net.ipv4.conf.{TAP}.force_igmp_version", igmp_host)
+            self.sysctl("net.ipv4.conf.all.force_igmp_version", igmp_host)
         if mld_host is not None:
-            self.sysctl(f"net.ipv6.conf.{TAP}.force_mld_version", mld_host)
+            self.sysctl("net.ipv6.conf.all.force_mld_version", mld_host)
+        self.proc, self.socket = self.lab.start_node(self.ns, self.tree, self.node)
         self.tap = Helper(self.lab, self.ns, "frame_tap.py", TAP)
         self.member = Helper(self.lab, self.ns, "mc_member.py", TAP)
         return self
@@ -656,7 +668,7 @@ def test_kernel_hosts_of_every_version_join_and_leave(lab: Lab) -> None:
     for seg in (k1, k2, k3, k4, k5):
         assert seg.alive()
         drops = seg.drops()
-        assert drops == Counter(), (seg.node, drops)
+        assert set(drops) <= seg.expected_drops and sum(drops.values()) <= 2, (seg.node, drops)
 
 
 # -- bridging -------------------------------------------------------------------------
