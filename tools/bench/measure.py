@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import Lab, LabError, link_stats, snmp_counters, stop
-from modes import GROUP, BenchPath
+from modes import BenchPath
+from topology import GROUP, PORT, SIZE, TTL
 
-PORT = 5001
-SIZE = 1316  # 7 MPEG-TS packets of 188 bytes
-TTL = 16
+from mcmw.lab import Lab, LabError, run, stop
+
 LOSS_LIMIT = 0.001  # "loss-free" means < 0.1 %
 USER_HZ = os.sysconf("SC_CLK_TCK")
 OTHER_LOAD_LIMIT = 0.25  # CPUs of other work above which a trial counts as disturbed
@@ -77,6 +76,40 @@ def wait_idle(limit: float, threshold: float = OTHER_LOAD_LIMIT) -> float:
     while load > threshold and time.monotonic() < deadline:
         load = background_load(1.0)
     return load
+
+
+def link_stats(ns: str) -> dict[str, dict[str, int]]:
+    """rx/tx packet and drop counters of every interface in ns."""
+    out = run(["ip", "-n", ns, "-s", "-j", "link", "show"], check=False).stdout
+    stats: dict[str, dict[str, int]] = {}
+    for link in json.loads(out or "[]"):
+        s = link.get("stats64", {})
+        rx, tx = s.get("rx", {}), s.get("tx", {})
+        stats[link["ifname"]] = {
+            "rx_packets": rx.get("packets", 0),
+            "rx_dropped": rx.get("dropped", 0),
+            "tx_packets": tx.get("packets", 0),
+            "tx_dropped": tx.get("dropped", 0),
+        }
+    return stats
+
+
+def snmp_counters(ns: str) -> dict[str, int]:
+    """The Udp and Ip drop counters of /proc/net/snmp as seen in ns."""
+    text = run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], check=False).stdout
+    wanted = {
+        "Udp": ("InErrors", "RcvbufErrors", "SndbufErrors", "NoPorts"),
+        "Ip": ("InDiscards", "InHdrErrors", "OutDiscards"),
+    }
+    lines = text.splitlines()
+    counters: dict[str, int] = {}
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        proto, names = head.split(":", 1)
+        _, nums = values.split(":", 1)
+        for key, num in zip(names.split(), nums.split(), strict=False):
+            if key in wanted.get(proto, ()):
+                counters[f"{proto}.{key}"] = int(num)
+    return counters
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, Any]:

@@ -1,31 +1,55 @@
-"""The three paths a multicast stream takes from namespace A to namespace B.
+"""The paths a multicast stream takes from namespace A to namespace B.
 
-Each mode is a context manager that builds its namespaces, starts its forwarders and
-yields a `BenchPath`: where to run the sender and the receiver, which processes do the
-forwarding (their CPU time is what we charge per packet) and a hook for the path's own
-counters. Leaving the context tears everything down, also on failure.
+Each mode is a context manager that builds its namespaces (with mcmw.lab, the test bed
+the tests use too), starts its forwarders and yields a `BenchPath`: where to run the
+sender and the receiver, which processes do the forwarding (their CPU time is what we
+charge per packet) and a hook for the path's own counters. Leaving the context tears
+everything down, also on failure.
 
-Addresses: veths in 198.18.0.0/15 (RFC 2544 benchmark range), TAPs in 169.254/16.
+mcmw modes are named `mcmw[-udp][-auth][-N]`: the UDP data channel, authentication on
+(a `secret_file` in the tree), and N groups besides the stream's in node a's routing
+table towards b (receivers in B join them), e.g. `mcmw-udp-auth-1000`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import REPO, Lab, LabError, stop, wait_for
+from topology import GROUP, TAP_A, TAP_B, VETH_A, VETH_B, mcmw_tree, other_groups
 
-GROUP = "239.1.1.1"
-VETH_A, VETH_B = "198.18.0.1", "198.18.0.2"
-TAP_A, TAP_B = "169.254.1.1", "169.254.1.2"
+from mcmw.lab import Lab, LabError, run, status_or_none, stop, wait_for
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+C_PROGRAMS = ("mcsend", "mcrecv", "relay")
 # How to run mcmw; run.py's --mcmw replaces it (e.g. another checkout, for before/after).
-MCMW_COMMAND: list[str] = [str(REPO / ".venv" / "bin" / "python"), "-m", "mcmw"]
+DEFAULT_MCMW = [str(REPO / ".venv" / "bin" / "python"), "-m", "mcmw"]
+MCMW_COMMAND: list[str] = list(DEFAULT_MCMW)
+
+# Joins groups on B's segment and holds them (a process per mode, killed at teardown).
+# Linux allows 20 memberships per socket by default (net.ipv4.igmp_max_memberships), so
+# one socket per 20 groups; the interface is the one 224.0.0.0/4 is routed to (mcmw0).
+JOIN_GROUPS = """
+import json, socket, sys, time
+sockets = []
+for index, group in enumerate(sys.argv[1:]):
+    if index % 20 == 0:
+        sockets.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    request = socket.inet_aton(group) + socket.inet_aton("0.0.0.0")
+    sockets[-1].setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, request)
+print(json.dumps({"ready": True}), flush=True)
+while True:
+    time.sleep(3600)
+"""
 
 
 @dataclass
@@ -38,6 +62,16 @@ class BenchPath:
     counters: Callable[[], dict[str, Any]] | None = None  # the path's own counters
     describe: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # filled at teardown
+
+
+def build_helpers(dest: Path) -> dict[str, Path]:
+    """Compile the C helpers with gcc -O2 into dest (a temp dir: no binaries in the repo)."""
+    bins = {}
+    for name in C_PROGRAMS:
+        out = dest / name
+        run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / f"{name}.c")], timeout=120)
+        bins[name] = out
+    return bins
 
 
 def hold_group(lab: Lab, bins: dict[str, Path], ns: str, ifaddr: str | None) -> None:
@@ -109,156 +143,140 @@ def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iter
                 path.extra[name] = final
 
 
-def mcmw_status(sock: Path) -> dict[str, Any] | None:
-    """`mcmw status --socket SOCK --json`, or None while the node does not answer."""
-    try:
-        proc = subprocess.run(
-            [*MCMW_COMMAND, "status", "--socket", str(sock), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=REPO,
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    if proc.returncode != 0:
-        return None
-    try:
-        value = json.loads(proc.stdout)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def mcmw_tree(transport: str) -> str:
-    """The two-node tree file; with transport 'udp' both nodes announce a UDP data port."""
-    udp = "    udp: 7001\n" if transport == "udp" else ""
-    return (
-        "overlay:\n"
-        "  address_bits: 24\n"
-        "  mapping: modulo\n"
-        "nodes:\n"
-        "  a:\n"
-        f"    listen: {VETH_A}:7000\n{udp}"
-        f"    tap: {{name: mcmw0, address: {TAP_A}/16}}\n"
-        "  b:\n"
-        f"    listen: {VETH_B}:7000\n{udp}"
-        f"    tap: {{name: mcmw0, address: {TAP_B}/16}}\n"
-        "links:\n"
-        "  - [a, b]\n"
-    )
-
-
 @contextmanager
-def mcmw_path(lab: Lab, bins: dict[str, Path], transport: str = "tcp") -> Iterator[BenchPath]:
-    """Two `mcmw run` nodes, a in A and b in B, linked over a veth."""
+def mcmw_path(
+    lab: Lab,
+    bins: dict[str, Path],
+    mode: str = "mcmw",
+    transport: str = "tcp",
+    auth: bool = False,
+    groups: int = 0,
+) -> Iterator[BenchPath]:
+    """Two `mcmw run` nodes, a in A and b in B, linked over a veth; optionally over the
+    UDP data channel, authenticated, and with `groups` more groups routed from a to b."""
     a, b = lab.ns("ma", cpu=0), lab.ns("mb", cpu=1)
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
+    secret = None
+    if auth:
+        key = lab.workdir / "psk.key"
+        key.write_text(f"1 {secrets.token_hex(24)}\n")
+        key.chmod(0o600)
+        secret = key.name  # relative to the tree file, as an operator would write it
     tree = lab.workdir / "tree.yaml"
-    tree.write_text(mcmw_tree(transport))
-    socks = {"a": lab.workdir / "a.sock", "b": lab.workdir / "b.sock"}
+    tree.write_text(mcmw_tree(transport, secret))
+    # This checkout's mcmw runs from the repository; another command (--mcmw) from the
+    # scratch directory, so that `-m mcmw` finds its own checkout, not the one in cwd.
+    cwd = REPO if MCMW_COMMAND == DEFAULT_MCMW else lab.workdir
     nodes: dict[str, subprocess.Popen[Any]] = {}
-    logs: dict[str, Path] = {}
+    socks: dict[str, str] = {}
 
-    def log_tail(node: str) -> str:
-        text = logs[node].read_text(errors="replace") if logs[node].exists() else ""
-        return " | ".join(text.strip().splitlines()[-5:])
-
-    def check_alive() -> None:
-        for node, proc in nodes.items():
-            if proc.poll() is not None:
-                raise LabError(f"mcmw node {node} exited {proc.returncode}: {log_tail(node)}")
+    def status(node: str) -> dict[str, Any]:
+        if nodes[node].poll() is not None:
+            raise LabError(f"mcmw node {node} exited {nodes[node].returncode}: {lab.node_log(node)}")
+        return status_or_none(socks[node]) or {}
 
     def peer_up(node: str) -> bool:
-        check_alive()
-        st = mcmw_status(socks[node])
-        return bool(st) and any(p.get("state") == "up" for p in st.get("peers", []))
+        return any(p.get("state") == "up" for p in status(node).get("peers", []))
 
     def group_of(node: str) -> dict[str, Any] | None:
-        check_alive()
-        st = mcmw_status(socks[node]) or {}
-        return next((g for g in st.get("groups", []) if g.get("group") == GROUP), None)
+        return next((g for g in status(node).get("groups", []) if g.get("group") == GROUP), None)
+
+    def routes_to_b() -> int:
+        """Groups in node a's table that b asked for."""
+        return sum("b" in g.get("peers", []) for g in status("a").get("groups", []))
 
     try:
         # b accepts, a dials ("first dials, second accepts"): start b first.
         for node, ns in (("b", b), ("a", a)):
-            logs[node] = lab.workdir / f"{node}.log"
-            with logs[node].open("w") as log:
-                nodes[node] = lab.popen(
-                    ns,
-                    [
-                        *MCMW_COMMAND,
-                        "run",
-                        "-c",
-                        str(tree),
-                        "--node",
-                        node,
-                        "--socket",
-                        str(socks[node]),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=REPO,
-                )
+            nodes[node], socks[node] = lab.start_node(ns, tree, node, MCMW_COMMAND, cwd)
         for node in ("a", "b"):
-            wait_for(f"mcmw {node}: peer up", lambda n=node: peer_up(n), 30, 0.2)
+            wait_for(lambda n=node: peer_up(n), 30, f"mcmw {node}: peer up", 0.2)
         # The receiver joins by route: 224/4 dev mcmw0 is mcmw's own route in B.
         hold_group(lab, bins, b, None)
+        if groups:
+            lab.start_ready(b, [sys.executable, "-c", JOIN_GROUPS, *other_groups(groups)], timeout=30)
         wait_for(
-            f"mcmw b: {GROUP} joined locally",
             lambda: (g := group_of("b")) is not None and bool(g.get("local")),
             30,
+            f"mcmw b: {GROUP} joined locally",
             0.2,
         )
         # Node a must have heard b's interest (Add-Route) before the sender starts.
         wait_for(
-            f"mcmw a: route for {GROUP} towards b",
             lambda: (g := group_of("a")) is not None and "b" in g.get("peers", []),
             30,
+            f"mcmw a: route for {GROUP} towards b",
             0.2,
+        )
+        routes = wait_for(
+            lambda: (n := routes_to_b()) >= groups + 1 and n,
+            60,
+            f"mcmw a: {groups + 1} routes towards b",
+            0.5,
         )
 
         def counters() -> dict[str, Any]:
             out: dict[str, Any] = {}
             for node in ("a", "b"):
-                st = mcmw_status(socks[node]) or {}
+                st = status_or_none(socks[node]) or {}
                 out[node] = {
                     "tap": st.get("tap"),
                     "counters": st.get("counters"),
                     "peers": [
-                        {k: p.get(k) for k in ("transport", "tx_packets", "rx_packets")}
+                        {k: p.get(k) for k in ("transport", "tx_packets", "rx_packets", "key_id")}
                         for p in st.get("peers", [])
                     ],
                 }
             return out
 
-        st_a = mcmw_status(socks["a"]) or {}
-        used = {p.get("transport") for p in st_a.get("peers", [])}
+        used = sorted(str(p.get("transport")) for p in status("a").get("peers", []))
         path = BenchPath(
-            f"mcmw-{transport}" if transport != "tcp" else "mcmw",
+            mode,
             a,
             b,
             None,
             forwarders={"mcmw-a": nodes["a"].pid, "mcmw-b": nodes["b"].pid},
             counters=counters,
-            describe=f"A --TAP--> mcmw a --{'/'.join(sorted(map(str, used)))}/veth--> mcmw b --TAP--> B",
+            describe=(
+                f"A --TAP--> mcmw a --{'/'.join(used)}/veth--> mcmw b --TAP--> B"
+                f"{', authenticated' if auth else ''}, {routes} routes a->b"
+            ),
         )
-        path.extra["peer_transport"] = sorted(map(str, used))
+        path.extra.update(peer_transport=used, authenticated=auth, routes_a_to_b=routes)
         yield path
     finally:
         for node, proc in nodes.items():
             stop(proc)
             if proc.returncode not in (0, None, -15):
-                print(
-                    f"bench: mcmw {node} exited {proc.returncode}: {log_tail(node)}",
-                    file=sys.stderr,
-                )
+                print(f"bench: mcmw {node} exited {proc.returncode}: {lab.node_log(node)}", file=sys.stderr)
 
 
-MODES: dict[str, Callable[..., Any]] = {
+PathFactory = Callable[[Lab, dict[str, Path]], AbstractContextManager[BenchPath]]
+
+MODES: dict[str, PathFactory] = {
     "kernel": kernel_path,
     "c-relay": crelay_path,
-    "c-relay-tcp": lambda lab, bins: crelay_path(lab, bins, "tcp"),
-    "mcmw": mcmw_path,
-    "mcmw-udp": lambda lab, bins: mcmw_path(lab, bins, "udp"),
+    "c-relay-tcp": functools.partial(crelay_path, transport="tcp"),
 }
+# The mcmw modes listed in --help; any other `mcmw[-udp][-auth][-N]` works too.
+MCMW_MODES = ("mcmw", "mcmw-udp", "mcmw-udp-auth-1000")
+
+
+def mode_path(name: str) -> PathFactory | None:
+    """The path of a mode name, or None for a name that is not one."""
+    if name in MODES:
+        return MODES[name]
+    parts = name.split("-")
+    if parts[0] != "mcmw":
+        return None
+    options: dict[str, Any] = {}
+    for part in parts[1:]:
+        if part == "udp" and "transport" not in options:
+            options["transport"] = "udp"
+        elif part == "auth" and "auth" not in options:
+            options["auth"] = True
+        elif part.isdigit() and "groups" not in options:
+            options["groups"] = int(part)
+        else:
+            return None
+    return functools.partial(mcmw_path, mode=name, **options)

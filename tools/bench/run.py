@@ -28,9 +28,11 @@ from typing import Any
 
 # Run as a script, so this directory is on sys.path and the siblings import directly.
 import modes
-from lab import HERE, REPO, Lab, LabError, build_helpers
-from measure import SIZE, TTL, background_load, run_trial, search, wait_idle
-from modes import GROUP, MODES, BenchPath
+from measure import background_load, run_trial, search, wait_idle
+from modes import HERE, MCMW_MODES, MODES, REPO, BenchPath, build_helpers, mode_path
+from topology import GROUP, SIZE, TTL
+
+from mcmw.lab import Lab, LabError
 
 RATE_BAR, CPU_BAR = 0.70, 2.0  # the issue's bar: mcmw rate >= 70 %, CPU/pkt <= 2x C
 
@@ -121,8 +123,10 @@ def bench_modes(
                     file=sys.stderr,
                 )
             try:
-                lab = stack.enter_context(Lab(nice=args.nice, pin=args.pin))
-                path = stack.enter_context(MODES[mode](lab, bins))
+                lab = stack.enter_context(Lab(prefix="mcmwb", nice=args.nice, pin=args.pin))
+                factory = mode_path(mode)
+                assert factory is not None  # checked by parse_args
+                path = stack.enter_context(factory(lab, bins))
                 result["path"] = path.describe
                 result["namespaces"] = [path.ns_send, path.ns_recv]
                 result["extra"] = path.extra  # filled in at teardown (relay counters)
@@ -148,7 +152,7 @@ def bench_modes(
                     continue
                 cpu_trials[mode].append(cpu)
                 print(
-                    f"  {mode:11s} loss {cpu['loss']:7.3%}"
+                    f"  {mode:18s} loss {cpu['loss']:7.3%}"
                     f"  fwd {_fmt(cpu.get('fwd_us_per_pkt'))} us/pkt"
                     f"  path {_fmt(cpu.get('path_us_per_pkt'))} us/pkt"
                 )
@@ -178,12 +182,13 @@ def summary(results: dict[str, dict[str, Any]], cpu_rate: float) -> list[str]:
         ("path us/pkt", at, 12),
         ("fwd us/pkt", "@max", 11),
     ]
-    head = f"{'mode':10s}" + "".join(f" {h:>{w}s}" for h, _, w in cols) + "  notes"
-    sub = f"{'':10s}" + "".join(f" {s:>{w}s}" for _, s, w in cols)
+    mw = max(10, *map(len, results)) if results else 10  # the mode column's width
+    head = f"{'mode':{mw}s}" + "".join(f" {h:>{w}s}" for h, _, w in cols) + "  notes"
+    sub = f"{'':{mw}s}" + "".join(f" {s:>{w}s}" for _, s, w in cols)
     lines = [head, sub, "-" * len(head)]
     for mode, r in results.items():
         if "error" in r:
-            lines.append(f"{mode:10s} error: {r['error']}")
+            lines.append(f"{mode:{mw}s} error: {r['error']}")
             continue
         s, c = r["search"], r.get("at_cpu_rate") or {}
         at_max = s.get("at_max") or {}
@@ -205,7 +210,7 @@ def summary(results: dict[str, dict[str, Any]], cpu_rate: float) -> list[str]:
             _fmt(c.get("path_us_per_pkt"), "12.2f"),
             _fmt(at_max.get("fwd_us_per_pkt"), "11.2f"),
         ]
-        lines.append(f"{mode:10s} " + " ".join(values) + "  " + "; ".join(notes))
+        lines.append(f"{mode:{mw}s} " + " ".join(values) + "  " + "; ".join(notes))
     return lines
 
 
@@ -213,7 +218,8 @@ def by_rate(results: dict[str, dict[str, Any]], start: float) -> list[str]:
     """fwd (and path) us/pkt at the search's first rates, from trials that were clean:
     how the per-packet cost falls as wake-ups carry more packets."""
     rates = [start * 2**i for i in range(4)]
-    head = f"{'mode':10s}" + "".join(f" {f'{r / 1000:.0f}k pps':>15s}" for r in rates)
+    mw = max(10, *map(len, results)) if results else 10
+    head = f"{'mode':{mw}s}" + "".join(f" {f'{r / 1000:.0f}k pps':>15s}" for r in rates)
     lines = ["fwd / path us/pkt by rate", head, "-" * len(head)]
     for mode, r in results.items():
         if "error" in r:
@@ -226,7 +232,7 @@ def by_rate(results: dict[str, dict[str, Any]], start: float) -> list[str]:
                 continue
             fwd, path = trial.get("fwd_us_per_pkt"), trial.get("path_us_per_pkt")
             cells.append(f"{_fmt(fwd, '.1f')} / {_fmt(path, '.1f')}".rjust(15))
-        lines.append(f"{mode:10s} " + " ".join(cells))
+        lines.append(f"{mode:{mw}s} " + " ".join(cells))
     return lines
 
 
@@ -236,9 +242,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not base or "error" in base:
         return out
-    for mode in ("mcmw", "mcmw-udp"):
-        r = results.get(mode)
-        if not r or "error" in r:
+    for mode, r in results.items():
+        if not mode.startswith("mcmw") or "error" in r:
             continue
         rate = (
             (r["search"]["max_pps"] or 0) / base["search"]["max_pps"] if base["search"]["max_pps"] else None
@@ -260,7 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--modes",
         default="kernel,c-relay,mcmw",
-        help=f"comma-separated, from {','.join(MODES)} (default %(default)s)",
+        help=f"comma-separated, from {','.join([*MODES, *MCMW_MODES])}; any "
+        "mcmw[-udp][-auth][-N] (UDP channel, authentication, N more groups routed) "
+        "(default %(default)s)",
     )
     p.add_argument("--quick", action="store_true", help="1 s trials, coarser search")
     p.add_argument("--duration", type=float, help="seconds of packets per trial (default 2)")
@@ -305,9 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.mcmw:
         modes.MCMW_COMMAND[:] = shlex.split(args.mcmw)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in args.modes if m not in MODES]
+    unknown = [m for m in args.modes if mode_path(m) is None]
     if unknown:
-        p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        choices = ", ".join([*MODES, *MCMW_MODES, "mcmw[-udp][-auth][-N]"])
+        p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {choices}")
     return args
 
 
