@@ -10,6 +10,7 @@ within a connection, sequence numbers only go up (TCP) or fall inside a sliding 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 from pathlib import Path
@@ -60,16 +61,40 @@ def load_keys(path: Path) -> dict[int, bytes]:
     return keys
 
 
-def _seal(message: bytes | bytearray, key_id: int, seq: int, key: bytes) -> bytes:
+class _HmacSha256:
+    """HMAC-SHA256 under one key, with the key's padded blocks hashed once: a copy of
+    those states per message saves two of the ~25 compressions a 1400-byte HMAC costs,
+    and the per-call key setup of hmac.digest (about 40 % of its time)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # RFC 2104: keys longer than the block are hashed first
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def digest(self, data: bytes | bytearray | memoryview) -> bytes:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+def _seal(message: bytes | bytearray, key_id: int, seq: int, mac: _HmacSha256) -> bytes:
     """`message` with an Integrity object appended and its length field updated."""
     total = len(message) + INTEGRITY_LEN
     head = COMMON_HEADER.unpack_from(message)
-    signed = (
-        COMMON_HEADER.pack(head[0], head[1], head[2], total)
-        + message[HEADER_LEN:]
-        + INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq)
+    signed = b"".join(
+        (
+            COMMON_HEADER.pack(head[0], head[1], head[2], total),
+            memoryview(message)[HEADER_LEN:],
+            INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq),
+        )
     )
-    return signed + hmac.digest(key, signed, "sha256")
+    return signed + mac.digest(signed)
 
 
 def split_integrity(message: bytes) -> tuple[bytes, int, int, bytes]:
@@ -92,14 +117,24 @@ class Authenticator:
         self.keys = keys
         self.signing_id = next(iter(keys))
         self.nonce = nonce
-        self.session_key: bytes | None = None
+        self._session_key: bytes | None = None
+        self._session_mac: _HmacSha256 | None = None
         self.tx_seq = 0
         self.rx_seq = 0
         self.udp_top = 0
         self.udp_seen = 0  # bitmap of the REPLAY_WINDOW sequence numbers below udp_top
 
+    @property
+    def session_key(self) -> bytes | None:
+        return self._session_key
+
+    @session_key.setter
+    def session_key(self, key: bytes | None) -> None:
+        self._session_key = key
+        self._session_mac = None if key is None else _HmacSha256(key)
+
     def seal_open(self, message: bytes) -> bytes:
-        return _seal(message, self.signing_id, 0, self.keys[self.signing_id])
+        return _seal(message, self.signing_id, 0, _HmacSha256(self.keys[self.signing_id]))
 
     def unseal_open(self, message: bytes) -> tuple[bytes, int]:
         """Verify a message sealed with a pre-shared key (the peer's Open, or its Close
@@ -108,7 +143,8 @@ class Authenticator:
         key = self.keys.get(key_id)
         if key is None:
             raise IntegrityError(f"integrity: unknown key id {key_id}")
-        if not hmac.compare_digest(hmac.digest(key, message[:-DIGEST_LEN], "sha256"), digest):
+        expected = _HmacSha256(key).digest(memoryview(message)[:-DIGEST_LEN])
+        if not hmac.compare_digest(expected, digest):
             raise IntegrityError("integrity: bad HMAC on open")
         return inner, key_id
 
@@ -117,13 +153,13 @@ class Authenticator:
         self.session_key = hmac.digest(key, b"mcmw-session" + dialer_nonce + acceptor_nonce, "sha256")
 
     def seal(self, message: bytes | bytearray) -> bytes:
-        assert self.session_key is not None
+        assert self._session_mac is not None
         self.tx_seq += 1
-        return _seal(message, 0, self.tx_seq, self.session_key)
+        return _seal(message, 0, self.tx_seq, self._session_mac)
 
     def seal_datagram(self, message: bytes | bytearray, seq: int) -> bytes:
-        assert self.session_key is not None
-        return _seal(message, 0, seq, self.session_key)
+        assert self._session_mac is not None
+        return _seal(message, 0, seq, self._session_mac)
 
     def unseal(self, message: bytes) -> bytes:
         """Verify a stream message; return it without the Integrity object."""
@@ -148,11 +184,10 @@ class Authenticator:
         return inner
 
     def _verify(self, message: bytes) -> tuple[bytes, int]:
-        if self.session_key is None:
+        if self._session_mac is None:
             raise IntegrityError("integrity: message before the session key")
         inner, key_id, seq, digest = split_integrity(message)
-        expected = hmac.digest(self.session_key, message[: -DIGEST_LEN], "sha256")
+        expected = self._session_mac.digest(memoryview(message)[:-DIGEST_LEN])
         if key_id != 0 or not hmac.compare_digest(expected, digest):
             raise IntegrityError("integrity: bad HMAC")
         return inner, seq
-
