@@ -220,6 +220,13 @@ class Node:
         else:
             self._connection_failed(link, now)
 
+    def dial_failed(self, peer: str, address: str, reason: str) -> None:
+        """A dial that reached no one (refused, unreachable, timed out) is the
+        neighbour's last_error when nothing else is: why a link went down says more than
+        the redials after it (those are logged)."""
+        if peer in self.neighbours and peer not in self.links and peer not in self.last_errors:
+            self.last_errors[peer] = f"cannot connect to {address}: {reason}"
+
     def _connection_failed(self, link: PeerLink, now: float) -> None:
         """A connection closed before its link came up. Its reason goes to the status by
         remote address (the only name an unknown or unauthenticated peer has), and, for a

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import random
 import signal
 import socket
@@ -66,7 +67,7 @@ class Connection:
         self.fd = sock.fileno()
         self.link = link
         self.writing = False
-        self.out: bytes = b""  # taken from the link, not yet accepted by the socket
+        self.out = memoryview(b"")  # taken from the link, not yet accepted by the socket
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.was_up = False
 
@@ -254,18 +255,34 @@ class Runtime:
             self._flush()
 
     async def _dial(self, peer: str) -> None:
-        host, port = self.tree.nodes[peer].listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        delay = BACKOFF_MIN
+        delay, failing = BACKOFF_MIN, False
         while True:
+            # Read each time: a reload may have given the neighbour a new address.
+            host, port = self.tree.nodes[peer].listen
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(self.loop.sock_connect(sock, (host, port)), 5.0)
             except (OSError, TimeoutError) as exc:
                 sock.close()
-                log.debug("dial %s at %s:%d failed: %s", peer, host, port, exc)
+                if isinstance(exc, TimeoutError):
+                    reason = "timed out"
+                else:  # uvloop's strerror is "Connect call failed (ADDRESS)": name the errno
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                self.node.dial_failed(peer, f"{host}:{port}", reason)
+                # Once per run of failures: a neighbour that is down is not news every retry.
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "cannot connect to %s at %s:%d: %s (retrying)",
+                    peer,
+                    host,
+                    port,
+                    reason,
+                )
+                failing = True
             else:
+                failing = False
                 conn = self._register(sock, self.node.new_link(peer, time.monotonic(), host))
                 self._flush()
                 await conn.done
@@ -414,20 +431,28 @@ class Runtime:
         datagrams.clear()
 
     def _send(self, conn: Connection) -> None:
+        """Write what the socket takes. The link's queue is taken only once the socket
+        has accepted everything taken before: the output held here stays one bounded
+        queue's worth, and a peer that reads slowly costs drops counted on its link, not
+        memory that grows for as long as it stays slow."""
         link = conn.link
-        if link.has_output:
-            chunk = link.take_output()
-            conn.out = conn.out + chunk if conn.out else chunk
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            if exc.errno != errno.EAGAIN:
-                self._lost(conn, exc.strerror or str(exc))
-                return
-            sent = 0
-        conn.out = conn.out[sent:]
+        while True:
+            if not conn.out:
+                if not link.has_output:
+                    break
+                conn.out = memoryview(link.take_output())
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    self._lost(conn, exc.strerror or str(exc))
+                    return
+                break
+            conn.out = conn.out[sent:]
+            if conn.out:
+                break  # the socket is full
         if conn.out and not conn.writing:
             conn.writing = True
             self.loop.add_writer(conn.fd, self._writable, conn)
@@ -435,7 +460,7 @@ class Runtime:
             if conn.writing:
                 conn.writing = False
                 self.loop.remove_writer(conn.fd)
-            if link.state == CLOSED and not link.has_output:
+            if link.state == CLOSED:
                 self._drop(conn)
 
     def status(self) -> dict[str, object]:

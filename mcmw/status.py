@@ -4,7 +4,8 @@ Beyond SPEC.md's keys (docs/operations.md lists them all), for scripts:
 
 - `peers[].last_error`: for a neighbour that is down, why its last connection closed,
   whether it had been up (dead interval, Close with the peer's reason) or failed before
-  (a mismatched Open, refused either way, failed Integrity, the peer hanging up).
+  (a mismatched Open, refused either way, failed Integrity, the peer hanging up), or
+  for a neighbour not reached since the start, why dialing it fails.
 - `connection_errors`: `{REMOTE_ADDRESS: {node, role, reason, count, last_s_ago}}`, newest
   first, for connections that closed before their link came up; the only trace of an
   unknown or unauthenticated peer. `node` is the neighbour dialed or the name the peer's

@@ -269,6 +269,34 @@ def test_mismatched_tree_files_refuse_the_link_with_the_reason_on_both_sides_and
         assert gap >= 0.75 * 0.5 * 2**i - 0.2, f"redial {i + 1} after {gap:.2f}s: {gaps}"
 
 
+def test_a_dialer_shows_why_it_cannot_connect_and_follows_a_neighbour_to_its_new_address(lab: Lab) -> None:
+    """b is not running: a's status says why its dials fail. Then b moves to another
+    address of its host; after a SIGHUP a dials the new one and the link comes up."""
+    sites = Sites(lab, lab.workdir / "tree.yaml")
+    sites.add_node("a")
+    sites.add_node("b")
+    sites.add_link("a", "b")
+    sites.write()
+    sites.start("a")
+    old = sites.doc["nodes"]["b"]["listen"]
+    assert old == "198.18.1.2:7000"
+    wait_for(lambda: sites.peer("a", "b").get("last_error"), 5, "a to show why b is down")
+    peer = sites.peer("a", "b")
+    assert peer["state"] != "up"
+    assert peer["last_error"] == f"cannot connect to {old}: Connection refused"
+    assert lab.node_log("a").count(f"cannot connect to b at {old}") == 1, "one warning, not one a retry"
+
+    b_veth = sites.veths[("a", "b")][1]
+    lab.exec(sites.ns["b"], ["ip", "address", "add", "198.18.1.3/24", "dev", b_veth])
+    sites.doc["nodes"]["b"]["listen"] = "198.18.1.3:7000"  # b no longer listens on the old one
+    sites.write()
+    sites.procs["a"].send_signal(signal.SIGHUP)
+    wait_for(lambda: reloads(lab, "a") == 1, 5, "a to reload")
+    sites.start("b")
+    wait_for(lambda: sites.peer("a", "b")["state"] == "up", 40, "a to reach b at its new address")
+    assert "last_error" not in sites.peer("a", "b")
+
+
 def test_ttl_link_carries_ttl_1_senders_across_the_whole_overlay(lab: Lab) -> None:
     """With `overlay.ttl: link`, an application that sends with TTL 1 reaches a receiver
     two overlay hops away, and the packets arrive with the TTL they were sent with."""
