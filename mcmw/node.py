@@ -21,7 +21,21 @@ from mcmw.mapping import make_mapper
 from mcmw.routes import GroupRoute
 from overlay import codec
 from overlay.auth import INTEGRITY_LEN, IntegrityError, load_keys
-from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route
+from overlay.codec import (
+    CLIENT_TYPE,
+    CNUM_CLIENT_SI,
+    IP_DATA_HEAD_LEN,
+    OBJECT_HEADER_LEN,
+    OP_IP_DATA,
+    VERSION_FLAGS,
+    AddRoute,
+    Close,
+    IpData,
+    KeepAlive,
+    Open,
+    RemoveRoute,
+    Route,
+)
 from overlay.interest import Filter, Interest, Update
 from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
 from tap.ethernet import (
@@ -35,6 +49,9 @@ from tap.ethernet import (
 )
 
 log = logging.getLogger("mcmw.node")
+# The per-packet path reads these once, as globals, not as attributes of `codec`.
+pack_ip_data_head = codec.IP_DATA_HEAD.pack
+IP_DATA_OBJECT_HEAD = OBJECT_HEADER_LEN + 8  # object header, overlay address, sequence
 
 ETH_IPV4 = b"\x08\x00"
 ETH_IPV6 = b"\x86\xdd"
@@ -306,22 +323,20 @@ class Node:
         if vihl >> 4 != 4 or vihl & 0x0F < 5 or total < (vihl & 0x0F) * 4 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        outputs = self._outputs(route, buf, buf[base + 12 : base + 16], ingress)
+        outputs = self._outputs(route, buf, base + 12, 4, ingress)
         if not outputs:
             return
-        if self.hop_ttl:
-            ttl = buf[base + 8]
-            if ttl <= 1:
-                self.counters["dropped_ttl"] += 1
-                return
-            checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
-            packet = bytearray(buf[base : base + total])
-            packet[8] = ttl - 1
-            packet[10] = checksum >> 8
-            packet[11] = checksum & 0xFF
-            self._send_data(route, packet, total, outputs)
-        else:
-            self._send_data(route, buf[base : base + total], total, outputs)
+        if not self.hop_ttl:
+            self._send_data(route, buf, base, total, outputs, 0, b"")
+            return
+        ttl = buf[base + 8]
+        if ttl <= 1:
+            self.counters["dropped_ttl"] += 1
+            return
+        checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
+        # Bytes 8-11 of the header: TTL, protocol, checksum.
+        patch = bytes((ttl - 1, buf[base + 9], checksum >> 8, checksum & 0xFF))
+        self._send_data(route, buf, base, total, outputs, 8, patch)
 
     def _forward_v6(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
         """Carry the IPv6 packet at `base` in `buf`."""
@@ -329,64 +344,80 @@ class Node:
         if buf[base] >> 4 != 6 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        outputs = self._outputs(route, buf, buf[base + 8 : base + 24], ingress)
+        outputs = self._outputs(route, buf, base + 8, 16, ingress)
         if not outputs:
             return
-        packet = bytearray(buf[base : base + total])
-        if self.hop_ttl:
-            if packet[7] <= 1:
-                self.counters["dropped_ttl"] += 1
-                return
-            packet[7] -= 1
-        self._send_data(route, packet, total, outputs)
+        if not self.hop_ttl:
+            self._send_data(route, buf, base, total, outputs, 0, b"")
+            return
+        hop_limit = buf[base + 7]
+        if hop_limit <= 1:
+            self.counters["dropped_ttl"] += 1
+            return
+        self._send_data(route, buf, base, total, outputs, 7, bytes((hop_limit - 1,)))
 
     def _outputs(
-        self, route: GroupRoute, buf: bytes, source: bytes, ingress: PeerLink | None
+        self, route: GroupRoute, buf: bytes, source_at: int, source_len: int, ingress: PeerLink | None
     ) -> list[PeerLink]:
-        """Deliver a peer's packet into the segment if it wants `source`; return the links
-        the packet goes on to (never back where it came from)."""
-        if ingress is None:
-            outputs = route.links_any  # from the TAP: no copy, it is only read
-        else:
+        """Deliver a peer's packet into the segment if it wants the source address at
+        `source_at` in `buf`; return the links the packet goes on to (never back where it
+        came from). The lists returned are only read: most packets copy nothing here."""
+        outputs = route.links_any
+        if ingress is not None:
             local = route.local
-            if local is not None and (route.local_any or local.admits(source)):
+            if local is not None and (
+                route.local_any or local.admits(buf[source_at : source_at + source_len])
+            ):
                 self.tap_out.append(route.eth_header + buf)
                 self.delivered += 1
-            outputs = [link for link in route.links_any if link is not ingress]
+            if ingress in outputs:
+                outputs = [link for link in outputs if link is not ingress]
         if route.links_some:
+            source = buf[source_at : source_at + source_len]
             outputs = outputs + [
                 link for link, want in route.links_some if link is not ingress and want.admits(source)
             ]
         return outputs
 
     def _send_data(
-        self, route: GroupRoute, packet: bytes | bytearray, size: int, outputs: list[PeerLink]
+        self,
+        route: GroupRoute,
+        buf: bytes,
+        base: int,
+        size: int,
+        outputs: list[PeerLink],
+        at: int,
+        patch: bytes,
     ) -> None:
-        """Queue one IP-Data message per output link."""
-        if size & 3:
-            packet = packet + bytes(4 - (size & 3))
-        pack, address = codec.IP_DATA_HEAD.pack, route.overlay_address
-        head_fixed = codec.VERSION_FLAGS, codec.OP_IP_DATA, codec.CLIENT_TYPE
-        total, objlen = codec.IP_DATA_HEAD_LEN + len(packet), codec.OBJECT_HEADER_LEN + 8 + size
+        """Queue one IP-Data message per output link carrying the `size`-byte packet at
+        `base` in `buf`, with `patch` written over its bytes from `at` on (the TTL)."""
+        address = route.overlay_address
+        padding = bytes(-size & 3)
+        total, objlen = IP_DATA_HEAD_LEN + size + len(padding), IP_DATA_OBJECT_HEAD + size
+        # The packet in pieces around the patch, joined once per link with its head.
+        before, after = buf[base : base + at], buf[base + at + len(patch) : base + size]
         sent = 0
         for link in outputs:
-            link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
-            message = pack(*head_fixed, total, objlen, codec.CNUM_CLIENT_SI, 1, address, seq) + packet
             if link.udp_port:
                 if len(link.datagrams) >= link.DATAGRAM_LIMIT:
                     link.dropped_queue += 1
                     continue
-                # The limit is on the datagram as sent, Integrity object included.
-                if total + (INTEGRITY_LEN if link.auth else 0) > self.udp_limit:
-                    self._send_fragments(link, address, packet, size)
-                else:
-                    link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
-            else:
-                if link.data_bytes > link.DATA_LIMIT:
-                    link.dropped_queue += 1
-                    continue
+            elif link.data_bytes > link.DATA_LIMIT:
+                link.dropped_queue += 1
+                continue
+            link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
+            head = pack_ip_data_head(
+                VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, total, objlen, CNUM_CLIENT_SI, 1, address, seq
+            )
+            message = b"".join((head, before, patch, after, padding))
+            if not link.udp_port:
                 link.data.append(message)
                 link.data_bytes += total
+            # The limit is on the datagram as sent, Integrity object included.
+            elif total + (INTEGRITY_LEN if link.auth else 0) > self.udp_limit:
+                self._send_fragments(link, address, message[codec.IP_DATA_HEAD_LEN :], size)
+            else:
+                link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
             link.tx_packets += 1
             sent += 1
         self.forwarded += sent
@@ -409,10 +440,11 @@ class Node:
 
     # -- from a peer ---------------------------------------------------------------
 
-    def link_data(self, link: PeerLink, data: bytes, now: float) -> None:
-        """Bytes received on a peer's stream: frame them and act on each message."""
+    def link_data(self, link: PeerLink, data: bytes | memoryview, now: float) -> None:
+        """Bytes received on a peer's stream: frame them and act on each message. `data`
+        may be a view of the runtime's receive buffer: nothing here keeps a reference."""
         # Whole messages usually arrive whole: frame `data` itself, and keep only a tail.
-        buf: bytes | bytearray = link.rx + data if link.rx else data
+        buf: bytes | bytearray | memoryview = link.rx + data if link.rx else data
         link.last_rx = now
         link.rx_bytes += len(data)
         offset, end = 0, len(buf)
@@ -437,7 +469,7 @@ class Node:
                 if opcode == codec.OP_IP_DATA and link.state == UP:
                     self._ip_data(link, message, start, size, now)
                 else:
-                    self._control(link, codec.decode(message[start : start + size]), now)
+                    self._control(link, codec.decode(bytes(message[start : start + size])), now)
                 offset += length
                 if link.state == CLOSED:
                     break
@@ -499,7 +531,7 @@ class Node:
             self.counters["dropped_malformed"] += 1
 
     def _ip_data(
-        self, link: PeerLink, buf: bytes | bytearray, offset: int, length: int, now: float
+        self, link: PeerLink, buf: bytes | bytearray | memoryview, offset: int, length: int, now: float
     ) -> None:
         """An IP-Data message from an up link, at `offset` in `buf`: the data fast path."""
         if length < codec.IP_DATA_HEAD_LEN:
@@ -586,7 +618,10 @@ class Node:
                 self.counters["ignored_route_limit"] += over_limit
                 log.warning(
                     "%s asked for more than %d groups or %d sources a group: %d routes ignored",
-                    peer, self.max_peer_groups, self.max_peer_sources, over_limit,
+                    peer,
+                    self.max_peer_groups,
+                    self.max_peer_sources,
+                    over_limit,
                 )
             # One pass per message, however many routes it carries.
             self._apply(updates, now)

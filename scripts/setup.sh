@@ -17,8 +17,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Debian's own interpreter (the python3 package above) is built with PGO and LTO: the
+# data path runs about a quarter faster on it than on a plain source build that may come
+# first in PATH (pyenv). Any other python3 >= 3.11 works.
 if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    if [ -x /usr/bin/python3 ]; then /usr/bin/python3 -m venv .venv; else python3 -m venv .venv; fi
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'

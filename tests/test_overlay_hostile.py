@@ -382,7 +382,10 @@ def test_a_flood_of_add_routes_leaves_the_node_responsive_and_is_withdrawn_on_cl
             f"b did not answer its status within 2 s, {asked - started:.1f}s into the flood"
         )
         most_groups = max(most_groups, len(status["groups"]))
-        assert worst < 1.0, f"b took {worst:.2f}s to answer its status during the flood"
+        # Alone, b answers within 0.6 s at the flood's peak (its 0.8 MB status with 10 000
+        # groups waits for the loop's turns, each handling one 64 KiB read of Add-Routes);
+        # here a, c, h, the stream and this test share the machine's two cores.
+        assert worst < 1.5, f"b took {worst:.2f}s to answer its status during the flood"
         peers = {p["name"]: p["state"] for p in status["peers"]}
         assert peers["a"] == "up" and peers["c"] == "up", f"b lost a link during the flood: {peers}"
         time.sleep(0.1)
