@@ -50,7 +50,8 @@ from tap.ethernet import (
 
 log = logging.getLogger("mcmw.node")
 # The per-packet path reads these once, as globals, not as attributes of `codec`.
-pack_ip_data_head = codec.IP_DATA_HEAD.pack
+pack_head = codec.IP_DATA_HEAD.pack
+SI = CNUM_CLIENT_SI
 IP_DATA_OBJECT_HEAD = OBJECT_HEADER_LEN + 8  # object header, overlay address, sequence
 
 ETH_IPV4 = b"\x08\x00"
@@ -406,18 +407,23 @@ class Node:
                 link.dropped_queue += 1
                 continue
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
-            head = pack_ip_data_head(
-                VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, total, objlen, CNUM_CLIENT_SI, 1, address, seq
-            )
-            message = b"".join((head, before, patch, after, padding))
             if not link.udp_port:
-                link.data.append(message)
+                head = pack_head(VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, total, objlen, SI, 1, address, seq)
+                link.data.append(b"".join((head, before, patch, after, padding)))
                 link.data_bytes += total
-            # The limit is on the datagram as sent, Integrity object included.
-            elif total + (INTEGRITY_LEN if link.auth else 0) > self.udp_limit:
-                self._send_fragments(link, address, message[codec.IP_DATA_HEAD_LEN :], size)
+                link.tx_packets += 1
+                sent += 1
+                continue
+            # The UDP limit is on the datagram as sent, Integrity object included.
+            length = total + INTEGRITY_LEN if link.auth else total
+            if length > self.udp_limit:
+                self._send_fragments(link, address, b"".join((before, patch, after)), size)
             else:
-                link.datagrams.append(link.auth.seal_datagram(message, seq) if link.auth else message)
+                head = pack_head(VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, length, objlen, SI, 1, address, seq)
+                parts = (head, before, patch, after, padding)
+                link.datagrams.append(
+                    link.auth.seal_datagram_parts(parts, seq) if link.auth else b"".join(parts)
+                )
             link.tx_packets += 1
             sent += 1
         self.forwarded += sent
@@ -461,15 +467,20 @@ class Node:
                     codec.check_header(buf, offset)  # raises, naming what is wrong
                 if end - offset < length:
                     break
-                if link.auth is None:
-                    message, start, size = buf, offset, length
-                else:
-                    message = self._unseal(link, bytes(buf[offset : offset + length]), now)
-                    start, size = 0, len(message)
                 if opcode == codec.OP_IP_DATA and link.state == UP:
-                    self._ip_data(link, message, start, size, now)
+                    if link.auth is None:
+                        self._ip_data(link, buf, offset, length, now)
+                    else:  # checked where it lies, and read without its Integrity object
+                        link.auth.verify(buf[offset : offset + length])
+                        self._ip_data(link, buf, offset, length - INTEGRITY_LEN, now)
                 else:
-                    self._control(link, codec.decode(bytes(message[start : start + size])), now)
+                    message = bytes(buf[offset : offset + length])
+                    if link.auth is not None:
+                        message = self._unseal(link, message, now)  # may confirm the session
+                    if opcode == codec.OP_IP_DATA and link.state == UP:
+                        self._ip_data(link, message, 0, len(message), now)
+                    else:
+                        self._control(link, codec.decode(message), now)
                 offset += length
                 if link.state == CLOSED:
                     break
@@ -521,9 +532,10 @@ class Node:
             if opcode != codec.OP_IP_DATA or length != len(data):
                 raise codec.CodecError("the UDP channel carries one ip-data message per datagram")
             if link.auth is not None:
-                data = link.auth.unseal_datagram(data)
+                link.auth.verify_datagram(data)
+                length -= INTEGRITY_LEN  # read without its Integrity object
             link.last_rx = now
-            self._ip_data(link, data, 0, len(data), now)
+            self._ip_data(link, data, 0, length, now)
         except IntegrityError:
             link.dropped_auth += 1
             self.counters["dropped_auth"] += 1
@@ -547,8 +559,11 @@ class Node:
             or not codec.IP_DATA_MIN_OBJECT <= objlen <= length - 8
             or ((objlen + 3) & ~3) != length - 8
         ):
-            # Not a whole packet: a fragment, or else a malformed message.
-            message = codec.decode(bytes(buf[offset : offset + length]))
+            # Not a whole packet: a fragment, or else a malformed message. The length in
+            # its header counts an Integrity object that `length` leaves out.
+            raw = bytearray(buf[offset : offset + length])
+            raw[4:8] = length.to_bytes(4, "big")
+            message = codec.decode(bytes(raw))
             assert isinstance(message, codec.IpData)
             if message.fragment is None:
                 raise codec.CodecError("ip-data object does not fit its message")

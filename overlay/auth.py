@@ -75,26 +75,30 @@ class _HmacSha256:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
-    def digest(self, data: bytes | bytearray | memoryview) -> bytes:
+    def digest(self, *parts: bytes | bytearray | memoryview) -> bytes:
+        """The HMAC of the concatenated `parts` (hashed one by one, never joined)."""
         inner = self._inner.copy()
-        inner.update(data)
+        for part in parts:
+            inner.update(part)
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
 
 
+def _sealed(
+    parts: tuple[bytes | bytearray | memoryview, ...], key_id: int, seq: int, mac: _HmacSha256
+) -> bytes:
+    """The message made of `parts`, whose header counts the Integrity object already,
+    with that object appended: one join, the HMAC taken over the parts as they are."""
+    integrity = INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq)
+    return b"".join((*parts, integrity, mac.digest(*parts, integrity)))
+
+
 def _seal(message: bytes | bytearray, key_id: int, seq: int, mac: _HmacSha256) -> bytes:
     """`message` with an Integrity object appended and its length field updated."""
-    total = len(message) + INTEGRITY_LEN
     head = COMMON_HEADER.unpack_from(message)
-    signed = b"".join(
-        (
-            COMMON_HEADER.pack(head[0], head[1], head[2], total),
-            memoryview(message)[HEADER_LEN:],
-            INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq),
-        )
-    )
-    return signed + mac.digest(signed)
+    header = COMMON_HEADER.pack(head[0], head[1], head[2], len(message) + INTEGRITY_LEN)
+    return _sealed((header, memoryview(message)[HEADER_LEN:]), key_id, seq, mac)
 
 
 def split_integrity(message: bytes) -> tuple[bytes, int, int, bytes]:
@@ -161,33 +165,55 @@ class Authenticator:
         assert self._session_mac is not None
         return _seal(message, 0, seq, self._session_mac)
 
+    def seal_datagram_parts(self, parts: tuple[bytes | bytearray | memoryview, ...], seq: int) -> bytes:
+        """A datagram from its `parts`, whose header counts the Integrity object already."""
+        assert self._session_mac is not None
+        return _sealed(parts, 0, seq, self._session_mac)
+
     def unseal(self, message: bytes) -> bytes:
         """Verify a stream message; return it without the Integrity object."""
-        inner, seq = self._verify(message)
+        self.verify(message)
+        return split_integrity(message)[0]
+
+    def verify(self, message: bytes | memoryview) -> None:
+        """Check a stream message in place: HMAC, and a sequence number above the last."""
+        seq = self._check(message)
         if seq <= self.rx_seq:
             raise IntegrityError(f"integrity: replayed sequence number {seq}")
         self.rx_seq = seq
-        return inner
 
     def unseal_datagram(self, message: bytes) -> bytes:
-        """Verify a datagram; accept each sequence number once, within a sliding window."""
-        inner, seq = self._verify(message)
+        """Verify a datagram; return it without the Integrity object."""
+        self.verify_datagram(message)
+        return split_integrity(message)[0]
+
+    def verify_datagram(self, message: bytes | memoryview) -> None:
+        """Check a datagram in place: HMAC, and each sequence number accepted once,
+        within a sliding window (UDP may reorder)."""
+        seq = self._check(message)
         if seq > self.udp_top:
             shift = seq - self.udp_top
             self.udp_seen = ((self.udp_seen << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
             self.udp_top = seq
-            return inner
+            return
         back = self.udp_top - seq
         if back >= REPLAY_WINDOW or self.udp_seen >> back & 1:
             raise IntegrityError(f"integrity: replayed or stale datagram {seq}")
         self.udp_seen |= 1 << back
-        return inner
 
-    def _verify(self, message: bytes) -> tuple[bytes, int]:
+    def _check(self, message: bytes | memoryview) -> int:
+        """The sequence number of a message sealed with the session key; IntegrityError
+        if it is not."""
         if self._session_mac is None:
             raise IntegrityError("integrity: message before the session key")
-        inner, key_id, seq, digest = split_integrity(message)
-        expected = self._session_mac.digest(memoryview(message)[:-DIGEST_LEN])
-        if key_id != 0 or not hmac.compare_digest(expected, digest):
+        start = len(message) - INTEGRITY_LEN
+        if start < HEADER_LEN:
+            raise IntegrityError("integrity object missing")
+        length, cnum, ctype, key_id, seq = INTEGRITY_HEAD.unpack_from(message, start)
+        if (length, cnum, ctype) != (INTEGRITY_LEN, CNUM_INTEGRITY, 1):
+            raise IntegrityError("integrity object missing")
+        view = memoryview(message)
+        expected = self._session_mac.digest(view[:-DIGEST_LEN])
+        if key_id != 0 or not hmac.compare_digest(expected, view[-DIGEST_LEN:]):
             raise IntegrityError("integrity: bad HMAC")
-        return inner, seq
+        return seq
