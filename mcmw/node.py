@@ -391,12 +391,15 @@ class Node:
         patch: bytes,
     ) -> None:
         """Queue one IP-Data message per output link carrying the `size`-byte packet at
-        `base` in `buf`, with `patch` written over its bytes from `at` on (the TTL)."""
+        `base` in `buf`, with `patch` written over its bytes from `at` on (the TTL).
+        `buf` is immutable (a frame, a packet copied out of a peer's stream): views of
+        it wait in the links' queues, and the packet is copied once, when it leaves."""
         address = route.overlay_address
         padding = bytes(-size & 3)
         total, objlen = IP_DATA_HEAD_LEN + size + len(padding), IP_DATA_OBJECT_HEAD + size
-        # The packet in pieces around the patch, joined once per link with its head.
-        before, after = buf[base : base + at], buf[base + at + len(patch) : base + size]
+        # The packet in pieces around the patch, views, not copies.
+        view = memoryview(buf)
+        before, after = view[base : base + at], view[base + at + len(patch) : base + size]
         sent = 0
         for link in outputs:
             if link.udp_port:
@@ -409,7 +412,10 @@ class Node:
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
             if not link.udp_port:
                 head = pack_head(VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, total, objlen, SI, 1, address, seq)
-                link.data.append(b"".join((head, before, patch, after, padding)))
+                if link.auth:  # sealed whole when taken
+                    link.data.append(b"".join((head, before, patch, after, padding)))
+                else:  # joined with the rest of the queue when taken
+                    link.data += (head, before, patch, after, padding)
                 link.data_bytes += total
                 link.tx_packets += 1
                 sent += 1

@@ -53,7 +53,9 @@ class PeerLink:
         self.state = OPENING
         self.sealed = bytearray()  # ready for the stream: Opens, and Closes before a session
         self.ctrl: list[bytes] = []  # control messages, sealed when taken
-        self.data: list[bytes] = []  # IP-Data messages for the stream, sealed when taken
+        # IP-Data for the stream: messages, sealed when taken, or on a link without
+        # authentication the pieces of messages, joined when taken.
+        self.data: list[bytes | memoryview] = []
         self.data_bytes = 0
         self.datagrams: list[bytes] = []  # IP-Data for the UDP channel, sealed already
         self.rx = bytearray()
@@ -107,8 +109,10 @@ class PeerLink:
         messages = self.ctrl + self.data
         if self.auth is not None:
             messages = [self.auth.seal(m) for m in messages]
-        out = bytes(self.sealed) + b"".join(messages)
-        self.sealed.clear()
+        if self.sealed:
+            messages.insert(0, bytes(self.sealed))
+            self.sealed.clear()
+        out = b"".join(messages)
         self.ctrl.clear()
         self.data.clear()
         self.data_bytes = 0

@@ -27,6 +27,7 @@ from typing import Any
 from topology import GROUP, TAP_A, TAP_B, VETH_A, VETH_B, mcmw_tree, other_groups
 
 from mcmw.lab import Lab, LabError, run, status_or_none, stop, wait_for
+from tap.device import TX_QUEUE_FRAMES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -115,7 +116,8 @@ def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iter
                 ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100", role]
             )
             lab.exec(ns, ["ip", "addr", "add", f"{addr}/16", "dev", tap])
-            lab.exec(ns, ["ip", "link", "set", tap, "up"])
+            # The same queue as mcmw gives its own TAP: the paths differ only in the relay.
+            lab.exec(ns, ["ip", "link", "set", tap, "up", "txqueuelen", str(TX_QUEUE_FRAMES)])
             lab.exec(ns, ["ip", "route", "add", "224.0.0.0/4", "dev", tap])
             # The stream's source (A's TAP address) arrives on B's TAP; keep the reverse
             # path filter out of the way, as mcmw does on its own TAP.
