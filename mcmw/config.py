@@ -83,8 +83,8 @@ class OverlayConfig:
     ttl: str = "hop"  # "hop": each overlay hop decrements; "link": the overlay is one link
     keepalive_interval: float = 3.0
     dead_interval: float = 10.0
-    # The largest IP-Data message sent as one UDP datagram; larger ones take the TCP
-    # stream, so no datagram is fragmented on a 1500-byte Internet path.
+    # The largest UDP datagram sent, Integrity object included; bigger IP-Data goes in
+    # fragments that each fit, so no datagram is IP-fragmented on a 1500-byte path.
     udp_max_message: int = 1400
 
 

@@ -705,6 +705,19 @@ class Node:
             address = self.map_group(group)
             if want is None:
                 removes.setdefault(peer, []).append(Route(address, group))
+            elif len(want.sources) > codec.max_route_sources(len(group)):
+                # More sources than one route object can list (the union of several
+                # neighbours' and the segment's asks): ask for every source instead. More
+                # comes across the link than is needed; each site still delivers only
+                # what its own receivers want.
+                self.counters["widened_routes"] += 1
+                log.warning(
+                    "asking %s for every source of %s: %d sources do not fit one route",
+                    peer,
+                    ipaddress.ip_address(group),
+                    len(want.sources),
+                )
+                adds.setdefault(peer, []).append(Route(address, group))
             else:
                 route = Route(address, group, want.mode, tuple(sorted(want.sources)))
                 adds.setdefault(peer, []).append(route)

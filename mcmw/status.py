@@ -14,6 +14,8 @@ Beyond SPEC.md's keys (docs/operations.md lists them all), for scripts:
 - `counters.connection_errors`: all connections that closed before their link came up.
 - `counters.ignored_route_limit`: Add-Route entries ignored because the neighbour already
   had 65536 groups, or the entry named more than 4096 sources (a flood, not a need).
+- `counters.widened_routes`: routes asked as "every source" because the sources wanted
+  did not fit one route object (4094 IPv6, 16379 IPv4).
 - `peers[].key_id` (up links): the id of the pre-shared key the link's session key derives
   from (the dialer's signing key), null when the tree is not authenticated; during a key
   roll it shows which links still run on the old key.

@@ -137,16 +137,18 @@ def _pad(length: int) -> int:
 
 
 def _object(cnum: int, content: bytes) -> bytes:
-    return (
-        OBJECT_HEADER.pack(OBJECT_HEADER_LEN + len(content), cnum, 1)
-        + content
-        + bytes(_pad(len(content)))
-    )
+    return OBJECT_HEADER.pack(OBJECT_HEADER_LEN + len(content), cnum, 1) + content + bytes(_pad(len(content)))
 
 
 def _message(opcode: int, objects: list[bytes]) -> bytes:
     body = b"".join(objects)
     return COMMON_HEADER.pack(VERSION_FLAGS, opcode, CLIENT_TYPE, HEADER_LEN + len(body)) + body
+
+
+def max_route_sources(group_len: int) -> int:
+    """The most sources one route object can list: its 16-bit length bounds it (4094
+    IPv6 or 16379 IPv4 addresses)."""
+    return (0xFFFF - OBJECT_HEADER_LEN - ROUTE_HEAD.size) // group_len - 1
 
 
 def _route_content(route: Route) -> bytes:

@@ -637,14 +637,16 @@ def test_a_reload_rolls_the_keys_without_touching_up_links(tmp_path: Path) -> No
 # -- IPv6, sequence accounting, RTT, scope, reassembly, reload, status shape ----------------
 
 
-def mld_join(group: str, host: str = "fe80::3") -> bytes:
+def mld_join(group: str, host: str = "fe80::3", sources: tuple[str, ...] = ()) -> bytes:
+    """An MLDv2 report: EXCLUDE {} (any source), or INCLUDE `sources` when given."""
     from scapy.layers.inet6 import ICMPv6MLDMultAddrRec, ICMPv6MLReport2, IPv6ExtHdrHopByHop, RouterAlert
 
+    record = ICMPv6MLDMultAddrRec(rtype=1 if sources else 4, dst=group, sources=list(sources))
     return bytes(
         Ether(src="02:00:00:00:00:03", dst="33:33:00:00:00:16")
         / IPv6(src=host, dst="ff02::16", hlim=1)
         / IPv6ExtHdrHopByHop(options=[RouterAlert()])
-        / ICMPv6MLReport2(records=[ICMPv6MLDMultAddrRec(rtype=4, dst=group)])
+        / ICMPv6MLReport2(records=[record])
     )
 
 
@@ -884,6 +886,24 @@ def test_a_neighbour_asking_for_too_much_is_bounded_and_counted(tmp_path: Path) 
     a_link.send(codec.encode(codec.RemoveRoute(tuple(routes[1:11]))))
     net.pump()
     assert len(b.interest.requested["a"]) == 40 and b.counters["ignored_route_limit"] == 31
+
+
+def test_a_union_of_sources_too_big_for_one_route_is_asked_as_every_source(tmp_path: Path) -> None:
+    """c asks b for 4094 sources of an IPv6 group (as many as one route object lists) and
+    b's own segment for two more: b asks a for every source, and says so."""
+    net = Net(tmp_path)
+    group = "ff0e::1:2"
+    many = tuple(ipaddress.IPv6Address((0x20010DB8 << 96) + i).packed for i in range(4094))
+    route = codec.Route(0, ipaddress.IPv6Address(group).packed, "include", many)
+    net.nodes["c"].links["b"].send(codec.encode(codec.AddRoute((route,))))
+    net.pump()
+    wanted = net.nodes["a"].interest.requested["b"][route.group]
+    assert (wanted.mode, len(wanted.sources)) == ("include", 4094)
+    net.frames("b", mld_join(group, host="fe80::2", sources=("2001:db8:1::1", "2001:db8:1::2")))
+    wanted = net.nodes["a"].interest.requested["b"][route.group]
+    assert (wanted.mode, wanted.sources) == ("exclude", frozenset())
+    assert net.nodes["b"].counters["widened_routes"] == 1
+    assert net.nodes["a"].links["b"].up and net.nodes["b"].links["a"].up
 
 
 def test_sequence_numbers_wrap_without_counting_loss_or_reordering(tmp_path: Path) -> None:
