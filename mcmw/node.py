@@ -204,8 +204,12 @@ class Node:
             ignored.append(f"settings of node {self.name} (restart to apply)")
         new_neighbours = dict(tree.neighbours(self.name))
         for peer in [p for p in self.neighbours if new_neighbours.get(p) != self.neighbours[p]]:
-            link = self.links.get(peer)
-            if link is not None:
+            # The link if up, and a connection to it still in its Open exchange, which
+            # would otherwise come up as a link the tree no longer has.
+            doomed = [x for x in self.pending if x.peer == peer]
+            if peer in self.links:
+                doomed.append(self.links[peer])
+            for link in doomed:
                 link.close(codec.CLOSE_NORMAL, "link removed from the tree", now)
                 self._forget(link, now)
         self.tree = tree

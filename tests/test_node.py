@@ -819,6 +819,22 @@ def test_a_reload_adds_and_removes_links_and_nothing_else(tmp_path: Path) -> Non
         b.reconfigure(replace(tree, overlay=replace(tree.overlay, mapping="hash")), net.now)
 
 
+def test_a_reload_also_closes_a_connection_still_opening_to_a_removed_neighbour(tmp_path: Path) -> None:
+    """b has just dialed c again (its Open on the wire) when a reload removes b-c: that
+    connection is closed too, not left to come up as a link the tree no longer has."""
+    net = Net(tmp_path)
+    b, c = net.nodes["b"], net.nodes["c"]
+    redial = b.new_link("c", net.now, address="10.0.0.c")
+    net.wires.append((b, redial, c, c.new_link(None, net.now, address="10.0.0.b")))
+    path = tmp_path / "tree.yaml"
+    path.write_text(path.read_text().replace("links: [[a, b], [b, c]]", "links: [[a, b], [a, c]]"))
+    b.reconfigure(load_tree(path), net.now)
+    net.pump()
+    assert redial.state == "closed" and redial not in b.pending
+    assert "c" not in b.links and "b" not in c.links
+    assert redial.close_reason == "link removed from the tree"
+
+
 def test_status_has_the_keys_and_types_spec_md_promises(tmp_path: Path) -> None:
     net = Net(tmp_path, udp=True)
     net.frames("c", join("239.1.1.1", host="169.254.1.3"))
