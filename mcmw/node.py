@@ -21,21 +21,7 @@ from mcmw.mapping import make_mapper
 from mcmw.routes import GroupRoute
 from overlay import codec
 from overlay.auth import INTEGRITY_LEN, IntegrityError, load_keys
-from overlay.codec import (
-    CLIENT_TYPE,
-    CNUM_CLIENT_SI,
-    IP_DATA_HEAD_LEN,
-    OBJECT_HEADER_LEN,
-    OP_IP_DATA,
-    VERSION_FLAGS,
-    AddRoute,
-    Close,
-    IpData,
-    KeepAlive,
-    Open,
-    RemoveRoute,
-    Route,
-)
+from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route, ip_data_header
 from overlay.interest import Filter, Interest, Update
 from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
 from tap.ethernet import (
@@ -49,10 +35,6 @@ from tap.ethernet import (
 )
 
 log = logging.getLogger("mcmw.node")
-# The per-packet path reads these once, as globals, not as attributes of `codec`.
-pack_head = codec.IP_DATA_HEAD.pack
-SI = CNUM_CLIENT_SI
-IP_DATA_OBJECT_HEAD = OBJECT_HEADER_LEN + 8  # object header, overlay address, sequence
 
 ETH_IPV4 = b"\x08\x00"
 ETH_IPV6 = b"\x86\xdd"
@@ -329,19 +311,8 @@ class Node:
             self.counters["dropped_malformed"] += 1
             return
         outputs = self._outputs(route, buf, base + 12, 4, ingress)
-        if not outputs:
-            return
-        if not self.hop_ttl:
-            self._send_data(route, buf, base, total, outputs, 0, b"")
-            return
-        ttl = buf[base + 8]
-        if ttl <= 1:
-            self.counters["dropped_ttl"] += 1
-            return
-        checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
-        # Bytes 8-11 of the header: TTL, protocol, checksum.
-        patch = bytes((ttl - 1, buf[base + 9], checksum >> 8, checksum & 0xFF))
-        self._send_data(route, buf, base, total, outputs, 8, patch)
+        if outputs:
+            self._send_hop(route, buf, base, total, outputs, 8)
 
     def _forward_v6(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
         """Carry the IPv6 packet at `base` in `buf`."""
@@ -350,16 +321,27 @@ class Node:
             self.counters["dropped_malformed"] += 1
             return
         outputs = self._outputs(route, buf, base + 8, 16, ingress)
-        if not outputs:
-            return
+        if outputs:
+            self._send_hop(route, buf, base, total, outputs, 7)
+
+    def _send_hop(
+        self, route: GroupRoute, buf: bytes, base: int, total: int, outputs: list[PeerLink], ttl_at: int
+    ) -> None:
+        """Send the packet on, one overlay hop taken off the TTL (IPv4, byte 8, with the
+        checksum updated) or hop limit (IPv6, byte 7) in `hop` mode; none left: dropped."""
         if not self.hop_ttl:
             self._send_data(route, buf, base, total, outputs, 0, b"")
             return
-        hop_limit = buf[base + 7]
-        if hop_limit <= 1:
+        ttl = buf[base + ttl_at]
+        if ttl <= 1:
             self.counters["dropped_ttl"] += 1
             return
-        self._send_data(route, buf, base, total, outputs, 7, bytes((hop_limit - 1,)))
+        if ttl_at == 7:
+            patch = bytes((ttl - 1,))
+        else:  # bytes 8-11 of the IPv4 header: TTL, protocol, checksum
+            checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
+            patch = bytes((ttl - 1, buf[base + 9], checksum >> 8, checksum & 0xFF))
+        self._send_data(route, buf, base, total, outputs, ttl_at, patch)
 
     def _outputs(
         self, route: GroupRoute, buf: bytes, source_at: int, source_len: int, ingress: PeerLink | None
@@ -400,37 +382,29 @@ class Node:
         it wait in the links' queues, and the packet is copied once, when it leaves."""
         address = route.overlay_address
         padding = bytes(-size & 3)
-        total, objlen = IP_DATA_HEAD_LEN + size + len(padding), IP_DATA_OBJECT_HEAD + size
+        total = codec.IP_DATA_HEAD_LEN + size + len(padding)
         # The packet in pieces around the patch, views, not copies.
         view = memoryview(buf)
         before, after = view[base : base + at], view[base + at + len(patch) : base + size]
         sent = 0
         for link in outputs:
-            if link.udp_port:
-                if len(link.datagrams) >= link.DATAGRAM_LIMIT:
-                    link.dropped_queue += 1
-                    continue
-            elif link.data_bytes > link.DATA_LIMIT:
+            if link.queue_full:
                 link.dropped_queue += 1
                 continue
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
+            sealed = INTEGRITY_LEN if link.auth else 0
             if not link.udp_port:
-                head = pack_head(VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, total, objlen, SI, 1, address, seq)
+                parts = (ip_data_header(address, seq, size), before, patch, after, padding)
                 if link.auth:  # sealed whole when taken
-                    link.data.append(b"".join((head, before, patch, after, padding)))
+                    link.data.append(b"".join(parts))
                 else:  # joined with the rest of the queue when taken
-                    link.data += (head, before, patch, after, padding)
+                    link.data += parts
                 link.data_bytes += total
-                link.tx_packets += 1
-                sent += 1
-                continue
             # The UDP limit is on the datagram as sent, Integrity object included.
-            length = total + INTEGRITY_LEN if link.auth else total
-            if length > self.udp_limit:
+            elif total + sealed > self.udp_limit:
                 self._send_fragments(link, address, b"".join((before, patch, after)), size)
             else:
-                head = pack_head(VERSION_FLAGS, OP_IP_DATA, CLIENT_TYPE, length, objlen, SI, 1, address, seq)
-                parts = (head, before, patch, after, padding)
+                parts = (ip_data_header(address, seq, size, sealed), before, patch, after, padding)
                 link.datagrams.append(
                     link.auth.seal_datagram_parts(parts, seq) if link.auth else b"".join(parts)
                 )

@@ -101,14 +101,21 @@ def _seal(message: bytes | bytearray, key_id: int, seq: int, mac: _HmacSha256) -
     return _sealed((header, memoryview(message)[HEADER_LEN:]), key_id, seq, mac)
 
 
-def split_integrity(message: bytes) -> tuple[bytes, int, int, bytes]:
-    """(message without its Integrity object, key id, seq, digest); CodecError if absent."""
-    if len(message) < HEADER_LEN + INTEGRITY_LEN:
-        raise IntegrityError("integrity object missing")
+def _integrity_at(message: bytes | memoryview) -> tuple[int, int, int]:
+    """(offset, key id, seq) of the Integrity object ending `message`; IntegrityError if
+    there is none."""
     start = len(message) - INTEGRITY_LEN
+    if start < HEADER_LEN:
+        raise IntegrityError("integrity object missing")
     length, cnum, ctype, key_id, seq = INTEGRITY_HEAD.unpack_from(message, start)
     if (length, cnum, ctype) != (INTEGRITY_LEN, CNUM_INTEGRITY, 1):
         raise IntegrityError("integrity object missing")
+    return start, key_id, seq
+
+
+def split_integrity(message: bytes) -> tuple[bytes, int, int, bytes]:
+    """(message without its Integrity object, key id, seq, digest); CodecError if absent."""
+    start, key_id, seq = _integrity_at(message)
     head = COMMON_HEADER.unpack_from(message)
     inner = COMMON_HEADER.pack(head[0], head[1], head[2], start) + message[HEADER_LEN:start]
     return inner, key_id, seq, message[start + INTEGRITY_HEAD.size :]
@@ -206,12 +213,7 @@ class Authenticator:
         if it is not."""
         if self._session_mac is None:
             raise IntegrityError("integrity: message before the session key")
-        start = len(message) - INTEGRITY_LEN
-        if start < HEADER_LEN:
-            raise IntegrityError("integrity object missing")
-        length, cnum, ctype, key_id, seq = INTEGRITY_HEAD.unpack_from(message, start)
-        if (length, cnum, ctype) != (INTEGRITY_LEN, CNUM_INTEGRITY, 1):
-            raise IntegrityError("integrity object missing")
+        _, key_id, seq = _integrity_at(message)
         view = memoryview(message)
         expected = self._session_mac.digest(view[:-DIGEST_LEN])
         if key_id != 0 or not hmac.compare_digest(expected, view[-DIGEST_LEN:]):

@@ -160,10 +160,11 @@ def _route_content(route: Route) -> bytes:
     )
 
 
-def ip_data_header(overlay_address: int, seq: int, packet_len: int) -> bytes:
-    """The 20 bytes before the packet in an IP-Data message (then packet, then padding)."""
+def ip_data_header(overlay_address: int, seq: int, packet_len: int, trailer_len: int = 0) -> bytes:
+    """The 20 bytes before the packet in an IP-Data message (then packet, then padding,
+    then `trailer_len` bytes of objects after it: an Integrity object sealed with it)."""
     content = 8 + packet_len
-    total = IP_DATA_HEAD_LEN + packet_len + _pad(content)
+    total = IP_DATA_HEAD_LEN + packet_len + _pad(content) + trailer_len
     return IP_DATA_HEAD.pack(
         VERSION_FLAGS,
         OP_IP_DATA,
