@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,7 +22,18 @@ from mcmw.mapping import make_mapper
 from mcmw.routes import GroupRoute
 from overlay import codec
 from overlay.auth import INTEGRITY_LEN, IntegrityError, load_keys
-from overlay.codec import AddRoute, Close, IpData, KeepAlive, Open, RemoveRoute, Route, ip_data_header
+from overlay.codec import (
+    IP_DATA_FIELDS,
+    SEQ,
+    AddRoute,
+    Close,
+    IpData,
+    KeepAlive,
+    Open,
+    RemoveRoute,
+    Route,
+    ip_data_prefix,
+)
 from overlay.interest import Filter, Interest, Update
 from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
 from tap.ethernet import (
@@ -48,6 +60,9 @@ LINK_LOCAL_V4 = b"\xe0\x00\x00"
 MAX_CONNECTION_ERRORS = 64
 MAX_PEER_GROUPS = 65536
 MAX_PEER_SOURCES = 4096
+V4_LEAD = struct.Struct("!8sBBH")  # IPv4 bytes 0-11: TTL, protocol, checksum rewritten
+V6_LEAD = struct.Struct("!7sB")  # IPv6 bytes 0-7: the hop limit rewritten
+PADDING = (b"", bytes(3), bytes(2), bytes(1))  # after a packet of size % 4 (IP-Data is 4-aligned)
 FRAGMENT_OVERHEAD = codec.HEADER_LEN + codec.OBJECT_HEADER_LEN + 8 + codec.OBJECT_HEADER_LEN + 12
 
 
@@ -307,12 +322,26 @@ class Node:
         """Carry the IPv4 packet at `base` in `buf` (14 in a TAP frame, 0 from a peer)."""
         vihl = buf[base]
         total = (buf[base + 2] << 8) | buf[base + 3]
-        if vihl >> 4 != 4 or vihl & 0x0F < 5 or total < (vihl & 0x0F) * 4 or base + total > len(buf):
+        if not 0x45 <= vihl <= 0x4F or total < (vihl & 0x0F) * 4 or base + total > len(buf):
             self.counters["dropped_malformed"] += 1
             return
-        outputs = self._outputs(route, buf, base + 12, 4, ingress)
-        if outputs:
-            self._send_hop(route, buf, base, total, outputs, 8)
+        if ingress is None and not route.links_some:
+            outputs = route.links_any  # from the segment, to every link that asked
+        else:
+            outputs = self._outputs(route, buf, base + 12, 4, ingress)
+        if not outputs:
+            return
+        # Bytes 0-11 of the header, one overlay hop taken off the TTL (byte 8) and the
+        # checksum (10-11) updated in `hop` mode; none left: dropped.
+        if not self.hop_ttl:
+            lead = buf[base : base + 12]
+        elif buf[base + 8] <= 1:
+            self.counters["dropped_ttl"] += 1
+            return
+        else:
+            checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
+            lead = V4_LEAD.pack(buf[base : base + 8], buf[base + 8] - 1, buf[base + 9], checksum)
+        self._send_data(route, lead, memoryview(buf)[base + 12 : base + total], total, outputs)
 
     def _forward_v6(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
         """Carry the IPv6 packet at `base` in `buf`."""
@@ -321,27 +350,17 @@ class Node:
             self.counters["dropped_malformed"] += 1
             return
         outputs = self._outputs(route, buf, base + 8, 16, ingress)
-        if outputs:
-            self._send_hop(route, buf, base, total, outputs, 7)
-
-    def _send_hop(
-        self, route: GroupRoute, buf: bytes, base: int, total: int, outputs: list[PeerLink], ttl_at: int
-    ) -> None:
-        """Send the packet on, one overlay hop taken off the TTL (IPv4, byte 8, with the
-        checksum updated) or hop limit (IPv6, byte 7) in `hop` mode; none left: dropped."""
-        if not self.hop_ttl:
-            self._send_data(route, buf, base, total, outputs, 0, b"")
+        if not outputs:
             return
-        ttl = buf[base + ttl_at]
-        if ttl <= 1:
+        # Bytes 0-7 of the header, the hop limit (byte 7) one less in `hop` mode.
+        if not self.hop_ttl:
+            lead = buf[base : base + 8]
+        elif buf[base + 7] <= 1:
             self.counters["dropped_ttl"] += 1
             return
-        if ttl_at == 7:
-            patch = bytes((ttl - 1,))
-        else:  # bytes 8-11 of the IPv4 header: TTL, protocol, checksum
-            checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
-            patch = bytes((ttl - 1, buf[base + 9], checksum >> 8, checksum & 0xFF))
-        self._send_data(route, buf, base, total, outputs, ttl_at, patch)
+        else:
+            lead = V6_LEAD.pack(buf[base : base + 7], buf[base + 7] - 1)
+        self._send_data(route, lead, memoryview(buf)[base + 8 : base + total], total, outputs)
 
     def _outputs(
         self, route: GroupRoute, buf: bytes, source_at: int, source_len: int, ingress: PeerLink | None
@@ -367,46 +386,44 @@ class Node:
         return outputs
 
     def _send_data(
-        self,
-        route: GroupRoute,
-        buf: bytes,
-        base: int,
-        size: int,
-        outputs: list[PeerLink],
-        at: int,
-        patch: bytes,
+        self, route: GroupRoute, lead: bytes, rest: memoryview, size: int, outputs: list[PeerLink]
     ) -> None:
-        """Queue one IP-Data message per output link carrying the `size`-byte packet at
-        `base` in `buf`, with `patch` written over its bytes from `at` on (the TTL).
-        `buf` is immutable (a frame, a packet copied out of a peer's stream): views of
-        it wait in the links' queues, and the packet is copied once, when it leaves."""
-        address = route.overlay_address
-        padding = bytes(-size & 3)
+        """Queue one IP-Data message per output link carrying the `size`-byte packet
+        `lead` + `rest` (the first bytes as they leave, then a view of the others). Views
+        of an immutable packet wait in the links' queues: the packet is copied once,
+        when it leaves."""
+        prefixes = route.prefixes
+        if prefixes[0] != size:
+            route.prefixes = prefixes = (
+                size,
+                ip_data_prefix(route.overlay_address, size),
+                ip_data_prefix(route.overlay_address, size, INTEGRITY_LEN),
+            )
+        padding = PADDING[size & 3]
         total = codec.IP_DATA_HEAD_LEN + size + len(padding)
-        # The packet in pieces around the patch, views, not copies.
-        view = memoryview(buf)
-        before, after = view[base : base + at], view[base + at + len(patch) : base + size]
         sent = 0
         for link in outputs:
             if link.queue_full:
                 link.dropped_queue += 1
                 continue
             link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
-            sealed = INTEGRITY_LEN if link.auth else 0
             if not link.udp_port:
-                parts = (ip_data_header(address, seq, size), before, patch, after, padding)
                 if link.auth:  # sealed whole when taken
-                    link.data.append(b"".join(parts))
+                    link.data.append(b"".join((prefixes[1], SEQ.pack(seq), lead, rest, padding)))
                 else:  # joined with the rest of the queue when taken
-                    link.data += parts
+                    link.data += (prefixes[1], SEQ.pack(seq), lead, rest, padding)
                 link.data_bytes += total
+            elif not link.auth:
+                if total > self.udp_limit:
+                    self._send_fragments(link, route.overlay_address, lead + rest, size)
+                else:
+                    link.datagrams.append(b"".join((prefixes[1], SEQ.pack(seq), lead, rest, padding)))
             # The UDP limit is on the datagram as sent, Integrity object included.
-            elif total + sealed > self.udp_limit:
-                self._send_fragments(link, address, b"".join((before, patch, after)), size)
+            elif total + INTEGRITY_LEN > self.udp_limit:
+                self._send_fragments(link, route.overlay_address, lead + rest, size)
             else:
-                parts = (ip_data_header(address, seq, size, sealed), before, patch, after, padding)
                 link.datagrams.append(
-                    link.auth.seal_datagram_parts(parts, seq) if link.auth else b"".join(parts)
+                    link.auth.seal_datagram_parts((prefixes[2], SEQ.pack(seq), lead, rest, padding), seq)
                 )
             link.tx_packets += 1
             sent += 1
@@ -532,7 +549,7 @@ class Node:
         """An IP-Data message from an up link, at `offset` in `buf`: the data fast path."""
         if length < codec.IP_DATA_HEAD_LEN:
             raise codec.CodecError(f"ip-data message of {length} bytes has no object")
-        _, _, _, _, objlen, cnum, ctype, _, seq = codec.IP_DATA_HEAD.unpack_from(buf, offset)
+        objlen, cnum, ctype, seq = IP_DATA_FIELDS.unpack_from(buf, offset)
         if seq != link.rx_next:
             link.count_seq(seq)
         else:

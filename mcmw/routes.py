@@ -23,6 +23,8 @@ class GroupRoute:
     links_some: list[tuple[PeerLink, Filter]] = field(default_factory=list)
     local: Filter | None = None
     local_any: bool = False  # the segment wants every source: no per-packet source test
+    # IP-Data heads for packets of one size (the last seen): size, plain, with Integrity.
+    prefixes: tuple[int, bytes, bytes] = (-1, b"", b"")
 
     @property
     def idle(self) -> bool:

@@ -59,6 +59,9 @@ KA_TIMER = struct.Struct("!HH")
 # IP-Data: common header + one ClientSI (overlay address, link sequence, IP packet).
 IP_DATA_HEAD = struct.Struct("!BBHIHBBII")
 IP_DATA_HEAD_LEN = IP_DATA_HEAD.size  # 20
+IP_DATA_PREFIX = struct.Struct("!BBHIHBBI")  # the head up to the sequence number
+IP_DATA_FIELDS = struct.Struct("!8xHBB4xI")  # what a receiver reads: object length, C-Num, C-Type, seq
+SEQ = struct.Struct("!I")
 IP_DATA_MIN_OBJECT = OBJECT_HEADER_LEN + 8 + 20  # object header, address, seq, IPv4 header
 VERSION_FLAGS = COPS_VERSION << 4
 
@@ -160,12 +163,13 @@ def _route_content(route: Route) -> bytes:
     )
 
 
-def ip_data_header(overlay_address: int, seq: int, packet_len: int, trailer_len: int = 0) -> bytes:
-    """The 20 bytes before the packet in an IP-Data message (then packet, then padding,
-    then `trailer_len` bytes of objects after it: an Integrity object sealed with it)."""
+def ip_data_prefix(overlay_address: int, packet_len: int, trailer_len: int = 0) -> bytes:
+    """The 16 bytes of an IP-Data message before its sequence number (then the packet,
+    its padding, and `trailer_len` bytes of objects after it: an Integrity object sealed
+    with it). They depend on the size alone, so a stream of one size packs them once."""
     content = 8 + packet_len
     total = IP_DATA_HEAD_LEN + packet_len + _pad(content) + trailer_len
-    return IP_DATA_HEAD.pack(
+    return IP_DATA_PREFIX.pack(
         VERSION_FLAGS,
         OP_IP_DATA,
         CLIENT_TYPE,
@@ -174,8 +178,12 @@ def ip_data_header(overlay_address: int, seq: int, packet_len: int, trailer_len:
         CNUM_CLIENT_SI,
         1,
         overlay_address,
-        seq,
     )
+
+
+def ip_data_header(overlay_address: int, seq: int, packet_len: int, trailer_len: int = 0) -> bytes:
+    """The 20 bytes before the packet in an IP-Data message."""
+    return ip_data_prefix(overlay_address, packet_len, trailer_len) + SEQ.pack(seq)
 
 
 def encode_fragment(address: int, seq: int, packet_id: int, offset: int, total: int, chunk: bytes) -> bytes:

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 procps python3 python3-venv python3-dev gcc libc6-dev
-          tshark ffmpeg iperf socat tcpdump)
+          tshark ffmpeg iperf socat tcpdump ethtool)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
