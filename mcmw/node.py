@@ -37,6 +37,7 @@ from overlay.codec import (
 from overlay.interest import Filter, Interest, Update
 from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
 from tap.ethernet import (
+    ETH_HEADER_LEN,
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
     ethernet_header,
@@ -319,7 +320,7 @@ class Node:
     # -- the data path -------------------------------------------------------------
 
     def _forward_v4(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
-        """Carry the IPv4 packet at `base` in `buf` (14 in a TAP frame, 0 from a peer)."""
+        """Carry the IPv4 packet at `base` in `buf` (a frame: 14)."""
         vihl = buf[base]
         total = (buf[base + 2] << 8) | buf[base + 3]
         if not 0x45 <= vihl <= 0x4F or total < (vihl & 0x0F) * 4 or base + total > len(buf):
@@ -365,16 +366,17 @@ class Node:
     def _outputs(
         self, route: GroupRoute, buf: bytes, source_at: int, source_len: int, ingress: PeerLink | None
     ) -> list[PeerLink]:
-        """Deliver a peer's packet into the segment if it wants the source address at
-        `source_at` in `buf`; return the links the packet goes on to (never back where it
-        came from). The lists returned are only read: most packets copy nothing here."""
+        """Deliver a peer's packet (`buf`: the frame it is on this segment) into the
+        segment if it wants the source address at `source_at`; return the links the
+        packet goes on to (never back where it came from). The lists returned are only
+        read: most packets copy nothing here."""
         outputs = route.links_any
         if ingress is not None:
             local = route.local
             if local is not None and (
                 route.local_any or local.admits(buf[source_at : source_at + source_len])
             ):
-                self.tap_out.append(route.eth_header + buf)
+                self.tap_out.append(buf)
                 self.delivered += 1
             if ingress in outputs:
                 outputs = [link for link in outputs if link is not ingress]
@@ -571,20 +573,23 @@ class Node:
             whole = link.reassembly.add(*message.fragment, message.packet, now)
             if whole is None:
                 return
-            packet = whole
+            buf, start, end = whole, 0, len(whole)
         else:
-            packet = bytes(buf[offset + 20 : offset + 8 + objlen])
+            start, end = offset + 20, offset + 8 + objlen
         link.rx_packets += 1
-        # Only carried groups have routes, so a route found means a valid group.
-        if packet[0] >> 4 == 4:
-            route = self.routes.get(packet[16:20])
+        # The packet goes into the frame it would be on this segment at once (one copy,
+        # which the segment and further links share). Only carried groups have routes,
+        # so a route found means a valid group.
+        version = buf[start] >> 4
+        if version == 4:
+            route = self.routes.get(bytes(buf[start + 16 : start + 20]))
             if route is not None:
-                self._forward_v4(route, packet, 0, link)
+                self._forward_v4(route, route.eth_header + buf[start:end], ETH_HEADER_LEN, link)
                 return
-        elif len(packet) >= 40 and packet[0] >> 4 == 6:
-            route = self.routes.get(packet[24:40])
+        elif version == 6 and end - start >= 40:
+            route = self.routes.get(bytes(buf[start + 24 : start + 40]))
             if route is not None:
-                self._forward_v6(route, packet, 0, link)
+                self._forward_v6(route, route.eth_header + buf[start:end], ETH_HEADER_LEN, link)
                 return
         else:
             self.counters["dropped_malformed"] += 1

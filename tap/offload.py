@@ -22,6 +22,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from tap.ethernet import ETH_HEADER_LEN
+
 # struct virtio_net_hdr (linux/virtio_net.h): flags, gso_type, hdr_len, gso_size,
 # csum_start, csum_offset, in the host's byte order (a TAP without TUNSETVNETLE/BE).
 VNET_HEADER = struct.Struct("=BBHHHH")
@@ -32,9 +34,8 @@ NEEDS_CSUM, GSO_UDP_L4 = 1, 5
 MAX_SEGMENTS = 64
 MAX_IP_LEN = 65535  # the train is one IP packet before it is split
 
-ETH_LEN = 14
-V4_UDP = ETH_LEN + 20 + 8  # payload offset: no IP options
-V6_UDP = ETH_LEN + 40 + 8  # no extension headers
+V4_UDP = ETH_HEADER_LEN + 20 + 8  # payload offset: no IP options
+V6_UDP = ETH_HEADER_LEN + 40 + 8  # no extension headers
 _HEADS = struct.Struct("!HH")  # UDP length, checksum
 
 
@@ -79,8 +80,8 @@ def _v4_run(frames: Sequence[bytes], index: int) -> int:
         or first[23] != 17
         or first[20] & 0x3F  # MF or a fragment offset
         or first[21]
-        or (first[16] << 8) | first[17] != size - ETH_LEN
-        or (first[38] << 8) | first[39] != size - ETH_LEN - 20
+        or (first[16] << 8) | first[17] != size - ETH_HEADER_LEN
+        or (first[38] << 8) | first[39] != size - ETH_HEADER_LEN - 20
     ):
         return index + 1
     limit = min(len(frames), index + MAX_SEGMENTS, index + (MAX_IP_LEN - 28) // (size - V4_UDP))
@@ -118,8 +119,8 @@ def _v6_run(frames: Sequence[bytes], index: int) -> int:
         size <= V6_UDP
         or first[14] >> 4 != 6
         or first[20] != 17  # UDP right after the fixed header
-        or (first[18] << 8) | first[19] != size - ETH_LEN - 40
-        or (first[58] << 8) | first[59] != size - ETH_LEN - 40
+        or (first[18] << 8) | first[19] != size - ETH_HEADER_LEN - 40
+        or (first[58] << 8) | first[59] != size - ETH_HEADER_LEN - 40
     ):
         return index + 1
     limit = min(len(frames), index + MAX_SEGMENTS, index + (MAX_IP_LEN - 8) // (size - V6_UDP))
@@ -140,7 +141,7 @@ def _train(frames: Sequence[bytes], index: int, end: int) -> list[bytes]:
     start = V4_UDP if v4 else V6_UDP
     segment = len(first) - start
     udp_len = 8 + segment * (end - index)
-    ip_at = ETH_LEN
+    ip_at = ETH_HEADER_LEN
     if v4:
         # Total length changes: the header checksum follows (RFC 1624 eqn. 3).
         old_total = (first[16] << 8) | first[17]
@@ -164,4 +165,4 @@ def _train(frames: Sequence[bytes], index: int, end: int) -> list[bytes]:
     vnet = VNET_HEADER.pack(NEEDS_CSUM, GSO_UDP_L4, start, segment, start - 8, 6)
     # Copies of the payloads: cheaper in Python than views of them, and the write copies
     # them once more in any case.
-    return [vnet, first[:ETH_LEN] + ip + udp, *[frame[start:] for frame in frames[index:end]]]
+    return [vnet, first[:ETH_HEADER_LEN] + ip + udp, *[frame[start:] for frame in frames[index:end]]]

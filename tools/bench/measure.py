@@ -53,11 +53,12 @@ def process_ticks(pid: int) -> tuple[int, int] | None:
     return int(fields[11]), int(fields[12])
 
 
-def system_cpu() -> tuple[int, int]:
-    """(busy, softirq) ticks over all CPUs from /proc/stat."""
+def system_cpu() -> tuple[int, int, int]:
+    """(busy, softirq, steal) ticks over all CPUs from /proc/stat. Steal is time the
+    hypervisor ran something else on our virtual CPUs."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = values[:7]
-    return user + nice + system + irq + softirq, softirq
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return user + nice + system + irq + softirq, softirq, steal
 
 
 def background_load(seconds: float = 1.0) -> float:
@@ -269,6 +270,7 @@ def _cpu_figures(s0: dict[str, Any], s1: dict[str, Any], packets: int) -> dict[s
     busy = (s1["system"][0] - s0["system"][0]) / USER_HZ
     soft = (s1["system"][1] - s0["system"][1]) / USER_HZ
     fig["sys_busy_s"] = busy
+    fig["steal_s"] = (s1["system"][2] - s0["system"][2]) / USER_HZ
     fig["sys_softirq_s"] = soft
     fig["sys_us_per_pkt"] = busy / packets * 1e6 if packets else None
     fig["softirq_us_per_pkt"] = soft / packets * 1e6 if packets else None
@@ -325,6 +327,7 @@ def search(
             f"  sent {r['achieved_pps']:9.0f} pps{cpu_txt}"
             f"{'  ' + r['why'] if r['why'] else ''}"
             f"{'  drops ' + str(r['drops']) if r['drops'] and not r['ok'] else ''}"
+            f"{'  steal ' + str(r['steal_s']) + ' s' if r['steal_s'] else ''}"
         )
         return r
 
