@@ -396,7 +396,7 @@ class Decoder:
 
 
 def data_problem(packet: bytes, family: int) -> tuple[str, str] | None:
-    """Why the node would drop this data packet as malformed (Node._forward_v4/_v6)."""
+    """Why the node would drop this data packet as malformed (Node._carry)."""
     if family == 4:
         ihl = (packet[0] & 0x0F) * 4
         total = int.from_bytes(packet[2:4], "big")

@@ -24,6 +24,7 @@ from overlay import codec
 from overlay.auth import INTEGRITY_LEN, IntegrityError, load_keys
 from overlay.codec import (
     IP_DATA_FIELDS,
+    IP_DATA_HEAD_LEN,
     SEQ,
     AddRoute,
     Close,
@@ -37,7 +38,6 @@ from overlay.codec import (
 from overlay.interest import Filter, Interest, Update
 from overlay.link import CLOSED, CONFIRMING, OPENING, UP, PeerLink
 from tap.ethernet import (
-    ETH_HEADER_LEN,
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
     ethernet_header,
@@ -293,6 +293,7 @@ class Node:
         """Frames the kernel sent on the segment: membership reports, or data to carry."""
         routes = self.routes
         self.tap_rx += len(frames)
+        pending: list[tuple[GroupRoute, bytes]] = []  # data to carry, in order
         for frame in frames:
             ethertype = frame[12:14]
             if ethertype == ETH_IPV4:
@@ -300,68 +301,92 @@ class Node:
                     self.counters["dropped_malformed"] += 1
                     continue
                 if frame[23] == PROTO_IGMP:
+                    self._carry_pending(pending, None)  # what came before the report first
                     self._membership(self.igmp.handle(frame[14:], now), now)
                     continue
                 # Only carried groups have routes: no need to test for link-local ones.
                 route = routes.get(frame[30:34])
-                if route is not None:
-                    self._forward_v4(route, frame, 14, None)
             elif ethertype == ETH_IPV6:
                 if len(frame) < 54:
                     self.counters["dropped_malformed"] += 1
                     continue
                 if is_mld(frame):
+                    self._carry_pending(pending, None)
                     self._membership(self.mld.handle(frame[14:], now), now)
                     continue
                 route = routes.get(frame[38:54])
-                if route is not None:
-                    self._forward_v6(route, frame, 14, None)
+            else:
+                continue
+            if route is not None:
+                pending.append((route, frame))
+        self._carry_pending(pending, None)
 
     # -- the data path -------------------------------------------------------------
 
-    def _forward_v4(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
-        """Carry the IPv4 packet at `base` in `buf` (a frame: 14)."""
-        vihl = buf[base]
-        total = (buf[base + 2] << 8) | buf[base + 3]
-        if not 0x45 <= vihl <= 0x4F or total < (vihl & 0x0F) * 4 or base + total > len(buf):
-            self.counters["dropped_malformed"] += 1
+    def _carry_pending(self, pending: list[tuple[GroupRoute, bytes]], ingress: PeerLink | None) -> None:
+        """Carry the frames of `pending` ((route, frame), in order), and empty it. A
+        stream's frames come in runs of one group: one `_carry` per run, not per frame."""
+        if not pending:
             return
-        if ingress is None and not route.links_some:
-            outputs = route.links_any  # from the segment, to every link that asked
-        else:
-            outputs = self._outputs(route, buf, base + 12, 4, ingress)
-        if not outputs:
-            return
-        # Bytes 0-11 of the header, one overlay hop taken off the TTL (byte 8) and the
-        # checksum (10-11) updated in `hop` mode; none left: dropped.
-        if not self.hop_ttl:
-            lead = buf[base : base + 12]
-        elif buf[base + 8] <= 1:
-            self.counters["dropped_ttl"] += 1
-            return
-        else:
-            checksum = checksum_after_ttl_decrement((buf[base + 10] << 8) | buf[base + 11])
-            lead = V4_LEAD.pack(buf[base : base + 8], buf[base + 8] - 1, buf[base + 9], checksum)
-        self._send_data(route, lead, buf[base + 12 : base + total], total, outputs)
+        run_route, run = pending[0][0], []
+        for route, frame in pending:
+            if route is not run_route:
+                self._carry(run_route, run, ingress)
+                run_route, run = route, []
+            run.append(frame)
+        self._carry(run_route, run, ingress)
+        pending.clear()
 
-    def _forward_v6(self, route: GroupRoute, buf: bytes, base: int, ingress: PeerLink | None) -> None:
-        """Carry the IPv6 packet at `base` in `buf`."""
-        total = 40 + ((buf[base + 4] << 8) | buf[base + 5])
-        if buf[base] >> 4 != 6 or base + total > len(buf):
-            self.counters["dropped_malformed"] += 1
-            return
-        outputs = self._outputs(route, buf, base + 8, 16, ingress)
-        if not outputs:
-            return
-        # Bytes 0-7 of the header, the hop limit (byte 7) one less in `hop` mode.
-        if not self.hop_ttl:
-            lead = buf[base : base + 8]
-        elif buf[base + 7] <= 1:
-            self.counters["dropped_ttl"] += 1
-            return
-        else:
-            lead = V6_LEAD.pack(buf[base : base + 7], buf[base + 7] - 1)
-        self._send_data(route, lead, buf[base + 8 : base + total], total, outputs)
+    def _carry(self, route: GroupRoute, frames: list[bytes], ingress: PeerLink | None) -> None:
+        """Carry the packets of `frames` (Ethernet frames of `route`'s group, in order)
+        from the segment (`ingress` None) or from a peer: to the segment when it wants
+        them (a peer's), and to the links that do, one overlay hop taken off the TTL or
+        hop limit in `hop` mode (none left: dropped)."""
+        counters, hop = self.counters, self.hop_ttl
+        v4 = len(route.group) == 4
+        # Where the source address is, and where the header bytes after the TTL (IPv4)
+        # or hop limit (IPv6) start: the packet leaves as a rewritten lead and the rest.
+        source_at, source_len, rest_at = (26, 4, 26) if v4 else (22, 16, 22)
+        # From the segment with no filtered links, every packet goes to the same links.
+        uniform = ingress is None and not route.links_some
+        outputs = route.links_any
+        # Packets for the same links (the same list: _outputs returns the route's own
+        # list unless it had to filter) are queued together.
+        pieces: list[tuple[bytes, bytes, int]] = []
+        pieces_to = outputs
+        for frame in frames:
+            if v4:
+                vihl = frame[14]
+                size = (frame[16] << 8) | frame[17]
+                malformed = not 0x45 <= vihl <= 0x4F or size < (vihl & 0x0F) * 4
+            else:
+                size = 40 + ((frame[18] << 8) | frame[19])
+                malformed = frame[14] >> 4 != 6
+            if malformed or 14 + size > len(frame):
+                counters["dropped_malformed"] += 1
+                continue
+            if not uniform:
+                outputs = self._outputs(route, frame, source_at, source_len, ingress)
+            if not outputs:
+                continue
+            if not hop:
+                lead = frame[14:rest_at]
+            elif frame[22 if v4 else 21] <= 1:
+                counters["dropped_ttl"] += 1
+                continue
+            elif v4:  # TTL, protocol, and the checksum updated for the TTL
+                checksum = checksum_after_ttl_decrement((frame[24] << 8) | frame[25])
+                lead = V4_LEAD.pack(frame[14:22], frame[22] - 1, frame[23], checksum)
+            else:
+                lead = V6_LEAD.pack(frame[14:21], frame[21] - 1)
+            if outputs is not pieces_to:
+                if pieces:
+                    self._send_data(route, pieces, pieces_to)
+                    pieces = []
+                pieces_to = outputs
+            pieces.append((lead, frame[rest_at : 14 + size], size))
+        if pieces:
+            self._send_data(route, pieces, pieces_to)
 
     def _outputs(
         self, route: GroupRoute, buf: bytes, source_at: int, source_len: int, ingress: PeerLink | None
@@ -388,50 +413,63 @@ class Node:
         return outputs
 
     def _send_data(
-        self, route: GroupRoute, lead: bytes, rest: bytes, size: int, outputs: list[PeerLink]
+        self, route: GroupRoute, pieces: list[tuple[bytes, bytes, int]], outputs: list[PeerLink]
     ) -> None:
-        """Queue one IP-Data message per output link carrying the `size`-byte packet
-        `lead` + `rest` (the first bytes as they leave, then the others). The pieces wait
-        in the links' queues and are joined when they leave. (`rest` is a copy: for a
-        packet of 1300 bytes cheaper, in Python, than a view of it.)"""
-        prefixes = route.prefixes
-        if prefixes[0] != size:
-            route.prefixes = prefixes = (
-                size,
-                ip_data_prefix(route.overlay_address, size),
-                ip_data_prefix(route.overlay_address, size, INTEGRITY_LEN),
-            )
-        padding = PADDING[size & 3]
-        total = codec.IP_DATA_HEAD_LEN + size + len(padding)
-        sent = 0
+        """Queue on each output link one IP-Data message per packet of `pieces`: (its
+        first bytes as they leave, the others, its size). The pieces wait in the links'
+        queues and are joined when they leave; a datagram, or a message to seal, is
+        joined now. A link whose queue is at its bound drops the packet and counts it."""
+        address, udp_limit = route.overlay_address, self.udp_limit
+        sent = dropped = 0
         for link in outputs:
-            if link.queue_full:
-                link.dropped_queue += 1
-                continue
-            link.seq = seq = (link.seq + 1) & 0xFFFFFFFF
-            if not link.udp_port:
-                if link.auth:  # sealed whole when taken
-                    link.data.append(b"".join((prefixes[1], SEQ.pack(seq), lead, rest, padding)))
-                else:  # joined with the rest of the queue when taken
-                    link.data += (prefixes[1], SEQ.pack(seq), lead, rest, padding)
-                link.data_bytes += total
-            elif not link.auth:
-                if total > self.udp_limit:
-                    self._send_fragments(link, route.overlay_address, lead + rest, size)
-                else:
-                    link.datagrams.append(b"".join((prefixes[1], SEQ.pack(seq), lead, rest, padding)))
+            udp, auth = link.udp_port, link.auth
+            stream, datagrams, stream_bytes = link.data, link.datagrams, link.data_bytes
             # The UDP limit is on the datagram as sent, Integrity object included.
-            elif total + INTEGRITY_LEN > self.udp_limit:
-                self._send_fragments(link, route.overlay_address, lead + rest, size)
-            else:
-                link.datagrams.append(
-                    link.auth.seal_datagram_parts((prefixes[2], SEQ.pack(seq), lead, rest, padding), seq)
-                )
-            link.tx_packets += 1
-            sent += 1
+            room = udp_limit - (INTEGRITY_LEN if auth else 0)
+            seq, link_sent, last = link.seq, 0, -1
+            limit = link.DATAGRAM_LIMIT if udp else link.DATA_LIMIT
+            for lead, rest, size in pieces:
+                if size != last:  # the head, padding and length of a packet this size
+                    prefixes = route.prefixes
+                    if prefixes[0] != size:
+                        route.prefixes = prefixes = (
+                            size,
+                            ip_data_prefix(address, size),
+                            ip_data_prefix(address, size, INTEGRITY_LEN),
+                        )
+                    prefix = prefixes[2] if udp and auth else prefixes[1]
+                    padding = PADDING[size & 3]
+                    total = IP_DATA_HEAD_LEN + size + len(padding)
+                    last = size
+                if len(datagrams) >= limit if udp else stream_bytes > limit:
+                    continue  # the link's queue is full: dropped
+                seq = (seq + 1) & 0xFFFFFFFF
+                link_sent += 1
+                if not udp:
+                    if auth:  # sealed whole when taken
+                        stream.append(b"".join((prefix, SEQ.pack(seq), lead, rest, padding)))
+                    else:  # joined with the rest of the queue when taken
+                        stream += (prefix, SEQ.pack(seq), lead, rest, padding)
+                    stream_bytes += total
+                elif total > room:
+                    link.seq = seq  # the fragments take sequence numbers from here on
+                    self._send_fragments(link, address, lead + rest, size)
+                    seq = link.seq
+                elif auth:
+                    datagrams.append(
+                        auth.seal_datagram_parts((prefix, SEQ.pack(seq), lead, rest, padding), seq)
+                    )
+                else:
+                    datagrams.append(b"".join((prefix, SEQ.pack(seq), lead, rest, padding)))
+            link.seq, link.data_bytes = seq, stream_bytes
+            link.tx_packets += link_sent
+            link.dropped_queue += len(pieces) - link_sent
+            sent += link_sent
+            dropped += len(pieces) - link_sent
         self.forwarded += sent
-        if sent < len(outputs):
-            self.counters["dropped_queue"] += len(outputs) - sent
+        if dropped:
+            counters = self.counters
+            counters["dropped_queue"] += dropped
 
     def _send_fragments(self, link: PeerLink, address: int, packet: bytes | bytearray, size: int) -> None:
         """A packet too big for one datagram, in IP-Data fragments that each fit."""
@@ -458,6 +496,7 @@ class Node:
         link.rx_bytes += len(data)
         offset, end = 0, len(buf)
         unpack_header = codec.COMMON_HEADER.unpack_from
+        pending: list[tuple[GroupRoute, bytes]] = []  # data to carry, in order
         try:
             while end - offset >= codec.HEADER_LEN:
                 flags, opcode, client_type, length = unpack_header(buf, offset)
@@ -472,22 +511,24 @@ class Node:
                     break
                 if opcode == codec.OP_IP_DATA and link.state == UP:
                     if link.auth is None:
-                        self._ip_data(link, buf, offset, length, now)
+                        self._ip_data(link, buf, offset, length, now, pending)
                     else:  # checked where it lies, and read without its Integrity object
                         link.auth.verify(buf[offset : offset + length])
-                        self._ip_data(link, buf, offset, length - INTEGRITY_LEN, now)
+                        self._ip_data(link, buf, offset, length - INTEGRITY_LEN, now, pending)
                 else:
+                    self._carry_pending(pending, link)  # data before this message first
                     message = bytes(buf[offset : offset + length])
                     if link.auth is not None:
                         message = self._unseal(link, message, now)  # may confirm the session
                     if opcode == codec.OP_IP_DATA and link.state == UP:
-                        self._ip_data(link, message, 0, len(message), now)
+                        self._ip_data(link, message, 0, len(message), now, pending)
                     else:
                         self._control(link, codec.decode(message), now)
                 offset += length
                 if link.state == CLOSED:
                     break
         except codec.CodecError as exc:
+            self._carry_pending(pending, link)  # what came before the bad message
             if isinstance(exc, IntegrityError):
                 link.dropped_auth += 1
                 self.counters["dropped_auth"] += 1
@@ -500,6 +541,7 @@ class Node:
             self._forget(link, now)
             link.rx = bytearray()
             return
+        self._carry_pending(pending, link)
         link.rx = bytearray(buf[offset:]) if offset < end else bytearray()
 
     def _unseal(self, link: PeerLink, message: bytes, now: float) -> bytes:
@@ -528,27 +570,43 @@ class Node:
             self._link_up(link, now)
         return inner
 
-    def link_datagram(self, link: PeerLink, data: bytes, now: float) -> None:
+    def link_datagram(self, link: PeerLink, data: bytes | memoryview, now: float) -> None:
         """A datagram from the peer's UDP data channel: one IP-Data message."""
-        try:
-            opcode, length = codec.check_header(data, 0)
-            if opcode != codec.OP_IP_DATA or length != len(data):
-                raise codec.CodecError("the UDP channel carries one ip-data message per datagram")
-            if link.auth is not None:
-                link.auth.verify_datagram(data)
-                length -= INTEGRITY_LEN  # read without its Integrity object
-            link.last_rx = now
-            self._ip_data(link, data, 0, length, now)
-        except IntegrityError:
-            link.dropped_auth += 1
-            self.counters["dropped_auth"] += 1
-        except codec.CodecError:
-            self.counters["dropped_malformed"] += 1
+        self.link_datagrams(link, (data,), now)
+
+    def link_datagrams(self, link: PeerLink, datagrams: Iterable[bytes | memoryview], now: float) -> None:
+        """Datagrams from the peer's UDP data channel, in the order received. They may be
+        views of the runtime's receive buffer: nothing here keeps a reference."""
+        pending: list[tuple[GroupRoute, bytes]] = []  # data to carry, in order
+        for data in datagrams:
+            try:
+                opcode, length = codec.check_header(data, 0)
+                if opcode != codec.OP_IP_DATA or length != len(data):
+                    raise codec.CodecError("the UDP channel carries one ip-data message per datagram")
+                if link.auth is not None:
+                    link.auth.verify_datagram(data)
+                    length -= INTEGRITY_LEN  # read without its Integrity object
+                link.last_rx = now
+                self._ip_data(link, data, 0, length, now, pending)
+            except IntegrityError:
+                link.dropped_auth += 1
+                self.counters["dropped_auth"] += 1
+            except codec.CodecError:
+                self.counters["dropped_malformed"] += 1
+        self._carry_pending(pending, link)
 
     def _ip_data(
-        self, link: PeerLink, buf: bytes | bytearray | memoryview, offset: int, length: int, now: float
+        self,
+        link: PeerLink,
+        buf: bytes | bytearray | memoryview,
+        offset: int,
+        length: int,
+        now: float,
+        pending: list[tuple[GroupRoute, bytes]],
     ) -> None:
-        """An IP-Data message from an up link, at `offset` in `buf`: the data fast path."""
+        """An IP-Data message from an up link, at `offset` in `buf`: the data fast path.
+        A packet with a route goes into `pending` as the frame it would be on this
+        segment (one copy, which the segment and further links share)."""
         if length < codec.IP_DATA_HEAD_LEN:
             raise codec.CodecError(f"ip-data message of {length} bytes has no object")
         objlen, cnum, ctype, seq = IP_DATA_FIELDS.unpack_from(buf, offset)
@@ -577,19 +635,17 @@ class Node:
         else:
             start, end = offset + 20, offset + 8 + objlen
         link.rx_packets += 1
-        # The packet goes into the frame it would be on this segment at once (one copy,
-        # which the segment and further links share). Only carried groups have routes,
-        # so a route found means a valid group.
+        # Only carried groups have routes, so a route found means a valid group.
         version = buf[start] >> 4
         if version == 4:
             route = self.routes.get(bytes(buf[start + 16 : start + 20]))
             if route is not None:
-                self._forward_v4(route, route.eth_header + buf[start:end], ETH_HEADER_LEN, link)
+                pending.append((route, route.eth_header + buf[start:end]))
                 return
         elif version == 6 and end - start >= 40:
             route = self.routes.get(bytes(buf[start + 24 : start + 40]))
             if route is not None:
-                self._forward_v6(route, route.eth_header + buf[start:end], ETH_HEADER_LEN, link)
+                pending.append((route, route.eth_header + buf[start:end]))
                 return
         else:
             self.counters["dropped_malformed"] += 1

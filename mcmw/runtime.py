@@ -365,9 +365,13 @@ class Runtime:
                 node.counters["dropped_unknown_sender"] += -(-size // segment) or 1
             elif flags & socket.MSG_TRUNC:
                 node.counters["dropped_malformed"] += 1
-            else:
-                for start in range(0, size or 1, segment):  # an empty one is malformed
-                    node.link_datagram(link, view[start : min(start + segment, size)].tobytes(), now)
+            else:  # views of the buffer (link_datagrams copies what it keeps); an empty
+                # datagram is one empty view, counted malformed
+                node.link_datagrams(
+                    link,
+                    [view[start : min(start + segment, size)] for start in range(0, size or 1, segment)],
+                    now,
+                )
         self._flush()
 
     def _flush(self) -> None:

@@ -100,14 +100,6 @@ class PeerLink:
             self.ctrl.append(message)
 
     @property
-    def queue_full(self) -> bool:
-        """Whether IP-Data for this link is dropped now: its UDP datagrams or its stream
-        bytes waiting are at their bound."""
-        if self.udp_port:
-            return len(self.datagrams) >= self.DATAGRAM_LIMIT
-        return self.data_bytes > self.DATA_LIMIT
-
-    @property
     def has_output(self) -> bool:
         return bool(self.sealed or self.ctrl or self.data)
 

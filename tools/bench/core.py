@@ -10,7 +10,7 @@ with an IGMPv2 report, and then it times
 - a: `Node.tap_frames` on 1316-byte datagrams (parse, route, TTL, IP-Data encode, with
   `--auth` the HMAC), plus taking the link's output as the runtime does before a send
 - b: `Node.link_data` on the IP-Data bytes a produced (frame, verify, route, Ethernet
-  frame), or with `--udp` `Node.link_datagram` on each datagram a produced
+  frame), or with `--udp` `Node.link_datagrams` on the datagrams a produced
 
 per packet, for several batch sizes (frames per TAP read / messages per recv). The
 figures are CPU time of this process, so they are the Python part of `fwd us/pkt` in
@@ -143,7 +143,9 @@ def build(transport: str, auth: bool) -> Timer:
         return drain(la)
 
     def deliver(output: Any) -> None:
-        if udp:
+        if udp and hasattr(b, "link_datagrams"):  # a receive's datagrams, as the runtime gives them
+            b.link_datagrams(lb, output, now)
+        elif udp:  # older nodes took them one by one
             for datagram in output:
                 b.link_datagram(lb, datagram, now)
         else:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(args.src.resolve()))
     timer = build("udp" if args.udp else "tcp", args.auth)
-    b_name = "b: link_datagram" if args.udp else "b: link_data"
+    b_name = "b: link_datagrams" if args.udp else "b: link_data"
     print(f"{'batch':>5s} {'a: tap_frames':>14s} {b_name:>17s} {'sum':>6s}   us/pkt")
     for batch in (int(x) for x in args.batch.split(",")):
         # In slices of at most 20 000 packets (what a sends is kept for b), ~5 us each.
