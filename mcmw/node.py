@@ -490,10 +490,27 @@ class Node:
     def link_data(self, link: PeerLink, data: bytes | memoryview, now: float) -> None:
         """Bytes received on a peer's stream: frame them and act on each message. `data`
         may be a view of the runtime's receive buffer: nothing here keeps a reference."""
-        # Whole messages usually arrive whole: frame `data` itself, and keep only a tail.
-        buf: bytes | bytearray | memoryview = link.rx + data if link.rx else data
         link.last_rx = now
         link.rx_bytes += len(data)
+        if link.rx:
+            # First the message an earlier read left unfinished, completed on its own; the
+            # rest of `data` is then framed where it lies, not copied after that tail.
+            rx = link.rx
+            if len(rx) < codec.HEADER_LEN:
+                take = codec.HEADER_LEN - len(rx)
+                rx += data[:take]
+                data = data[take:]
+            if len(rx) >= codec.HEADER_LEN:
+                take = max(0, int.from_bytes(rx[4:8], "big") - len(rx))
+                rx += data[:take]
+                data = data[take:]
+            link.rx = bytearray()
+            self._frame_stream(link, rx, now)  # keeps it again if still unfinished
+        if data and link.state != CLOSED:
+            self._frame_stream(link, data, now)
+
+    def _frame_stream(self, link: PeerLink, buf: bytes | bytearray | memoryview, now: float) -> None:
+        """Act on each whole message in `buf`; keep what is left of a last one in `link.rx`."""
         offset, end = 0, len(buf)
         unpack_header = codec.COMMON_HEADER.unpack_from
         pending: list[tuple[GroupRoute, bytes]] = []  # data to carry, in order

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.igmp import IGMPv3_MR, IGMPv3_MR_Group
 from scapy.layers.inet import IP, UDP, IPOption_Router_Alert
 from scapy.layers.inet6 import IPv6
@@ -1035,3 +1038,26 @@ def test_data_before_a_close_in_the_same_read_is_carried_and_none_after_it(tmp_p
     assert link.state == "closed" and "a" not in b.links
     net.pump()
     assert numbers(net.data_out("c")) == [0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=40))
+def test_a_stream_cut_anywhere_arrives_whole(cuts: list[int]) -> None:
+    """Reads end anywhere in a message (in its header too): every packet still crosses
+    once and in order, whatever the cuts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        net = Net(Path(tmp))
+        net.frames("c", join("239.1.1.1", host="169.254.1.3"))
+        a, b = net.nodes["a"], net.nodes["b"]
+        a.tap_frames([numbered("239.1.1.1", n) for n in range(20)], net.now)
+        a.links["b"].ctrl.append(codec.encode(codec.KeepAlive(1, 0)))  # a control message too
+        a.tap_frames([numbered("239.1.1.1", n) for n in range(20, 30)], net.now)
+        stream, position = a.links["b"].take_output(), 0
+        for cut in cuts + [len(stream)]:
+            b.link_data(b.links["a"], memoryview(stream)[position : position + cut], net.now)
+            position += cut
+            if position >= len(stream):
+                break
+        net.pump()
+        assert numbers(net.data_out("c")) == list(range(30))
+        assert b.links["a"].state == "up" and not b.links["a"].rx
