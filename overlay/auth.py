@@ -22,6 +22,7 @@ DIGEST_LEN = 32
 INTEGRITY_HEAD = struct.Struct("!HBBII")  # object header, key id, sequence number
 INTEGRITY_LEN = INTEGRITY_HEAD.size + DIGEST_LEN  # 44
 REPLAY_WINDOW = 1024
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 
 
 class IntegrityError(CodecError):
@@ -89,9 +90,10 @@ def _sealed(
     parts: tuple[bytes | bytearray | memoryview, ...], key_id: int, seq: int, mac: _HmacSha256
 ) -> bytes:
     """The message made of `parts`, whose header counts the Integrity object already,
-    with that object appended: one join, the HMAC taken over the parts as they are."""
-    integrity = INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq)
-    return b"".join((*parts, integrity, mac.digest(*parts, integrity)))
+    with that object appended. Joined first and hashed in one piece: a copy of ~1400
+    bytes costs less than a hash update per part."""
+    body = b"".join((*parts, INTEGRITY_HEAD.pack(INTEGRITY_LEN, CNUM_INTEGRITY, 1, key_id, seq)))
+    return body + mac.digest(body)
 
 
 def _seal(message: bytes | bytearray, key_id: int, seq: int, mac: _HmacSha256) -> bytes:
@@ -200,7 +202,7 @@ class Authenticator:
         seq = self._check(message)
         if seq > self.udp_top:
             shift = seq - self.udp_top
-            self.udp_seen = ((self.udp_seen << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self.udp_seen = ((self.udp_seen << shift) | 1) & _WINDOW_MASK
             self.udp_top = seq
             return
         back = self.udp_top - seq
