@@ -347,8 +347,16 @@ class Node:
         # Where the source address is, and where the header bytes after the TTL (IPv4)
         # or hop limit (IPv6) start: the packet leaves as a rewritten lead and the rest.
         source_at, source_len, rest_at = (26, 4, 26) if v4 else (22, 16, 22)
-        # From the segment with no filtered links, every packet goes to the same links.
-        uniform = ingress is None and not route.links_some
+        # Without filtered links, every packet of the run goes to the same links (and,
+        # from a peer, into the segment when it wants every source): decided once.
+        local = route.local
+        if ingress is None:
+            uniform, deliver = not route.links_some, False
+        else:
+            uniform = (
+                not route.links_some and ingress not in route.links_any and (local is None or route.local_any)
+            )
+            deliver = uniform and local is not None
         outputs = route.links_any
         # Packets for the same links (the same list: _outputs returns the route's own
         # list unless it had to filter) are queued together.
@@ -367,6 +375,9 @@ class Node:
                 continue
             if not uniform:
                 outputs = self._outputs(route, frame, source_at, source_len, ingress)
+            elif deliver:
+                self.tap_out.append(frame)
+                self.delivered += 1
             if not outputs:
                 continue
             if not hop:
