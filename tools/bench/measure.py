@@ -22,6 +22,7 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -289,41 +290,64 @@ def _last_json(text: str) -> dict[str, Any]:
     return {}
 
 
-def search(
-    lab: Lab,
-    bins: dict[str, Path],
-    path: BenchPath,
-    *,
-    start: float,
-    ceiling: float,
-    duration: float,
-    precision: float,
-    log: Any = print,
-) -> dict[str, Any]:
+Trial = Callable[[float], dict[str, Any]]
+SearchSteps = Generator[float, dict[str, Any], dict[str, Any]]
+
+
+def drive_together(searches: dict[str, tuple[SearchSteps, Trial]]) -> dict[str, dict[str, Any]]:
+    """Run several searches a trial at a time, in turn: the machine's speed drifts (a
+    VM's neighbours, by 2x within minutes), and a drift then falls on every path alike
+    instead of on whichever was searched at the time."""
+    results: dict[str, dict[str, Any]] = {}
+    asks: dict[str, float] = {}
+    for name, (steps, _) in searches.items():
+        try:
+            asks[name] = next(steps)
+        except StopIteration as done:
+            results[name] = done.value
+    while asks:
+        for name in list(asks):
+            steps, trial = searches[name]
+            try:
+                asks[name] = steps.send(trial(asks[name]))
+            except StopIteration as done:
+                results[name] = done.value
+                del asks[name]
+            except LabError as exc:  # this path broke: its search ends, the others go on
+                steps.close()
+                results[name] = {"error": str(exc)}
+                del asks[name]
+    return results
+
+
+def search_steps(
+    mode: str, *, start: float, ceiling: float, precision: float, log: Any = print
+) -> SearchSteps:
     """Highest rate with < 0.1 % loss and no lag: double from `start` until a trial
     fails (or the sender cannot go faster), bisect in log space until the bracket is
-    within `precision`, then confirm the result with a repeat trial."""
+    within `precision`, then confirm the result with a repeat trial. A generator: it
+    yields each rate to try and is sent that trial's result."""
     trials: list[dict[str, Any]] = []
 
-    def attempt(rate: float) -> dict[str, Any]:
-        r = run_trial(lab, bins, path, rate, duration)
+    def attempt(rate: float) -> Generator[float, dict[str, Any], dict[str, Any]]:
+        r = yield rate
         if not r["ok"] and r["other_cpus"] > OTHER_LOAD_LIMIT:
             # Other work on the machine took CPU from this trial: once it has gone (or
             # after 10 s), try the rate again rather than blame the path.
             log(
-                f"  {path.mode:9s} --- {rate:9.0f} pps  failed with {r['other_cpus']:.2f} CPUs"
+                f"  {mode:9s} --- {rate:9.0f} pps  failed with {r['other_cpus']:.2f} CPUs"
                 " of other load; repeating"
             )
             r["disturbed"] = True
             trials.append(r)
             wait_idle(10)
-            r = run_trial(lab, bins, path, rate, duration)
+            r = yield rate
         trials.append(r)
         flag = "ok " if r["ok"] else "BAD"
         cpu = r.get("fwd_us_per_pkt")
         cpu_txt = f"  fwd {cpu:6.2f} us/pkt" if cpu is not None else ""
         log(
-            f"  {path.mode:9s} {flag} {rate:9.0f} pps  loss {r['loss']:7.3%}"
+            f"  {mode:9s} {flag} {rate:9.0f} pps  loss {r['loss']:7.3%}"
             f"  sent {r['achieved_pps']:9.0f} pps{cpu_txt}"
             f"{'  ' + r['why'] if r['why'] else ''}"
             f"{'  drops ' + str(r['drops']) if r['drops'] and not r['ok'] else ''}"
@@ -337,7 +361,7 @@ def search(
     rate = start
     # Bracket: double until failure; halve first if even `start` fails.
     while True:
-        r = attempt(rate)
+        r = yield from attempt(rate)
         if r["ok"]:
             good = rate
             if r["sender_bound"]:
@@ -354,7 +378,7 @@ def search(
     if good is not None and bad is not None and not sender_bound:
         while bad / good > precision:
             mid = math.sqrt(good * bad)
-            if attempt(mid)["ok"]:
+            if (yield from attempt(mid))["ok"]:
                 good = mid
             else:
                 bad = mid
@@ -362,7 +386,7 @@ def search(
     for _ in range(6):
         if good is None:
             break
-        confirm = attempt(good)
+        confirm = yield from attempt(good)
         if confirm["ok"]:
             break
         # A failed repeat means the rate was marginal (or the machine got busy): step

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from typing import Any
 
 # Run as a script, so this directory is on sys.path and the siblings import directly.
 import modes
-from measure import background_load, run_trial, search, wait_idle
+from measure import background_load, drive_together, run_trial, search_steps, wait_idle
 from modes import HERE, MCMW_MODES, MODES, REPO, BenchPath, build_helpers, mode_path
 from topology import GROUP, SIZE, TTL
 
@@ -72,12 +73,9 @@ def revision() -> dict[str, Any]:
     }
 
 
-def search_mode(
-    mode: str, lab: Lab, path: BenchPath, bins: dict[str, Path], args: argparse.Namespace
-) -> dict[str, Any]:
-    """Prove the path works, then find its highest loss-free rate."""
-    # A slow warm-up trial proves the path works before the search relies on it.
-    # One retry: a path that has only just come up may still be settling.
+def warm_up(mode: str, lab: Lab, path: BenchPath, bins: dict[str, Path]) -> None:
+    """Prove the path works before the search relies on it: a slow trial, with one
+    retry (a path that has only just come up may still be settling)."""
     for attempt in range(2):
         warm = run_trial(lab, bins, path, 1000, 0.5)
         if warm["unique"]:
@@ -91,29 +89,19 @@ def search_mode(
             )
         time.sleep(2)
     print(f"  {mode}: {path.describe}")
-    return search(
-        lab,
-        bins,
-        path,
-        start=args.start,
-        ceiling=args.ceiling,
-        duration=args.duration,
-        precision=args.precision,
-    )
 
 
 def bench_modes(
     names: list[str], bins: dict[str, Path], args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
-    """Search each mode's rate in turn, keeping every path up; then the CPU trials, the
-    modes taking turns, so that a slow drift of the machine's speed (a VM's neighbours)
-    weighs on every mode alike and the ratios stay honest."""
+    """Bring every mode's path up, then search their rates a trial at a time in turn,
+    then the CPU trials, again in turn: a drift of the machine's speed (a VM's
+    neighbours) then weighs on every mode alike and the ratios stay honest."""
     results: dict[str, dict[str, Any]] = {}
     live: dict[str, tuple[Lab, BenchPath]] = {}
     with contextlib.ExitStack() as stack:
         for mode in names:
             print(f"bench: {mode}")
-            started = time.monotonic()
             result: dict[str, Any] = {"mode": mode}
             results[mode] = result
             busy = result["background_cpus_busy"] = round(wait_idle(args.wait_idle), 3)
@@ -130,12 +118,30 @@ def bench_modes(
                 result["path"] = path.describe
                 result["namespaces"] = [path.ns_send, path.ns_recv]
                 result["extra"] = path.extra  # filled in at teardown (relay counters)
-                result["search"] = search_mode(mode, lab, path, bins, args)
+                warm_up(mode, lab, path, bins)
                 live[mode] = (lab, path)
             except LabError as exc:
                 print(f"bench: {mode}: {exc}", file=sys.stderr)
                 results[mode] = {"mode": mode, "error": str(exc)}
-            result["search_s"] = round(time.monotonic() - started, 1)
+
+        if live:
+            print("bench: highest loss-free rates, modes in turn")
+        started = time.monotonic()
+        searches = {
+            mode: (
+                search_steps(mode, start=args.start, ceiling=args.ceiling, precision=args.precision),
+                functools.partial(_trial, lab, bins, path, args.duration),
+            )
+            for mode, (lab, path) in live.items()
+        }
+        for mode, search in drive_together(searches).items():
+            if "error" in search:  # the path broke during its search
+                print(f"bench: {mode}: {search['error']}", file=sys.stderr)
+                results[mode] = {"mode": mode, "error": search["error"]}
+                del live[mode]
+                continue
+            results[mode]["search"] = search
+            results[mode]["search_s"] = round(time.monotonic() - started, 1)  # all modes together
 
         # CPU per packet at one rate for every mode, so modes are compared at equal load
         # (per-packet cost falls as rates rise and wake-ups carry more packets). The
@@ -162,6 +168,10 @@ def bench_modes(
             results[mode]["at_cpu_rate"] = trials[len(trials) // 2] if trials else {}
             results[mode]["cpu_trials"] = trials
     return results
+
+
+def _trial(lab: Lab, bins: dict[str, Path], path: BenchPath, duration: float, rate: float) -> dict[str, Any]:
+    return run_trial(lab, bins, path, rate, duration)
 
 
 def _fmt(value: float | None, spec: str = "6.2f") -> str:
