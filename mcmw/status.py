@@ -34,6 +34,12 @@ def address_text(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
 
+def _address_key(text: str) -> tuple[int, int]:
+    """IPv4 before IPv6, each in address order."""
+    address = ipaddress.ip_address(text)
+    return address.version, int(address)
+
+
 def node_status(node: Node, now: float) -> dict[str, Any]:
     local_state: dict[str, dict[str, Any]] = {}
     queriers = {}
@@ -50,9 +56,7 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
             "group": text,
             "overlay_address": node.map_group(group),
             "local": None,
-            "peers": sorted(
-                peer for peer, asks in node.interest.requested.items() if group in asks
-            ),
+            "peers": sorted(peer for peer, asks in node.interest.requested.items() if group in asks),
         }
         if local is not None:
             learned = local_state.get(text, {})
@@ -67,6 +71,26 @@ def node_status(node: Node, now: float) -> dict[str, Any]:
                 },
             }
         groups.append(entry)
+    # Groups the segment wants that this node keeps inside its site (`boundaries`): no
+    # route, so not above, but a local member an operator looks for. (Link-local groups,
+    # which every host joins, are never carried by any node and not listed.)
+    listed = {entry["group"] for entry in groups}
+    for text, learned in local_state.items():
+        address = ipaddress.ip_address(text)
+        if text in listed or not any(address in prefix for prefix in node.config.boundaries):
+            continue
+        if learned["mode"] == "include" and not learned["sources"]:
+            continue  # nobody on the segment wants it any more
+        groups.append(
+            {
+                "group": text,
+                "overlay_address": node.map_group(address.packed),
+                "local": {k: v for k, v in learned.items() if k != "group"},
+                "peers": [],
+                "boundary": True,  # inside this node's boundaries: never carried
+            }
+        )
+    groups.sort(key=lambda entry: _address_key(entry["group"]))
     peers = []
     for peer, dials in node.neighbours.items():
         link = node.links.get(peer)
@@ -158,9 +182,11 @@ def format_status(status: dict[str, Any]) -> str:
     for group in status["groups"]:
         local = group["local"]
         here = "-" if local is None else f"{local['mode']} {','.join(local['sources']) or '{}'}"
+        where = (
+            "(boundary: not carried)" if group.get("boundary") else f"peers {','.join(group['peers']) or '-'}"
+        )
         lines.append(
-            f"  {group['group']:<20} overlay {group['overlay_address']:<10} local {here:<20} "
-            f"peers {','.join(group['peers']) or '-'}"
+            f"  {group['group']:<20} overlay {group['overlay_address']:<10} local {here:<20} {where}"
         )
     counters = "  ".join(f"{k} {v}" for k, v in sorted(status["counters"].items()))
     lines.append(f"counters: {counters}")

@@ -17,6 +17,7 @@ from scapy.layers.l2 import Ether
 
 from mcmw.config import load_tree
 from mcmw.node import Node, checksum_after_ttl_decrement
+from mcmw.status import format_status
 from overlay import codec
 from overlay.link import PeerLink
 
@@ -752,7 +753,14 @@ def test_a_boundary_keeps_scoped_groups_off_every_link_of_its_node(tmp_path: Pat
     net.frames("b", join(scoped))  # b's own segment: kept inside b's site
     net.frames("a", join(scoped, host="169.254.1.1"))  # from a's side: b does not pass it on
     net.frames("c", join(scoped, host="169.254.1.3"))
-    assert [g["group"] for g in b.status(net.now)["groups"]] == []
+    # b lists its own member, marked as kept inside the site; nobody asks b for it.
+    (kept,) = b.status(net.now)["groups"]
+    assert (kept["group"], kept["boundary"], kept["peers"]) == (scoped, True, [])
+    assert kept["local"]["mode"] == "exclude" and kept["local"]["compat_version"] == 3
+    assert f"{scoped}" in format_status(b.status(net.now)) and "(boundary: not carried)" in format_status(
+        b.status(net.now)
+    )
+    assert_spec_status(b.status(net.now), "b")
     for name in ("a", "c"):  # each still serves its own segment, but hears nothing from b
         assert [(g["group"], g["peers"]) for g in net.nodes[name].status(net.now)["groups"]] == [(scoped, [])]
     net.frames("a", datagram(scoped))
