@@ -607,6 +607,7 @@ class Node:
         views of the runtime's receive buffer: nothing here keeps a reference."""
         pending: list[tuple[GroupRoute, bytes]] = []  # data to carry, in order
         for data in datagrams:
+            link.rx_bytes += len(data)
             try:
                 opcode, length = codec.check_header(data, 0)
                 if opcode != codec.OP_IP_DATA or length != len(data):

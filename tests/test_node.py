@@ -1029,6 +1029,8 @@ def test_datagrams_of_one_receive_carry_around_a_bad_one(tmp_path: Path) -> None
     net.pump()
     assert numbers(net.data_out("c")) == [0, 1, 3, 4]
     assert b.counters["dropped_malformed"] == 1
+    stream_bytes = b.links["a"].rx_bytes - sum(len(d) for d in receive)
+    assert 0 < stream_bytes < 1000  # the Open exchange and keep-alives; the datagrams counted too
     assert b.links["a"].rx_lost == 1  # the sequence number it carried never arrived
 
 
