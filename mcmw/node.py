@@ -479,8 +479,7 @@ class Node:
             dropped += len(pieces) - link_sent
         self.forwarded += sent
         if dropped:
-            counters = self.counters
-            counters["dropped_queue"] += dropped
+            self.counters["dropped_queue"] += dropped
 
     def _send_fragments(self, link: PeerLink, address: int, packet: bytes | bytearray, size: int) -> None:
         """A packet too big for one datagram, in IP-Data fragments that each fit."""
@@ -667,19 +666,17 @@ class Node:
         # Only carried groups have routes, so a route found means a valid group.
         version = buf[start] >> 4
         if version == 4:
-            route = self.routes.get(bytes(buf[start + 16 : start + 20]))
-            if route is not None:
-                pending.append((route, route.eth_header + buf[start:end]))
-                return
+            group = bytes(buf[start + 16 : start + 20])
         elif version == 6 and end - start >= 40:
-            route = self.routes.get(bytes(buf[start + 24 : start + 40]))
-            if route is not None:
-                pending.append((route, route.eth_header + buf[start:end]))
-                return
+            group = bytes(buf[start + 24 : start + 40])
         else:
             self.counters["dropped_malformed"] += 1
             return
-        self.counters["unwanted"] += 1
+        route = self.routes.get(group)
+        if route is None:
+            self.counters["unwanted"] += 1
+            return
+        pending.append((route, route.eth_header + buf[start:end]))
 
     def _control(self, link: PeerLink, msg: codec.Message, now: float) -> None:
         if isinstance(msg, Open):

@@ -76,11 +76,10 @@ class _HmacSha256:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
-    def digest(self, *parts: bytes | bytearray | memoryview) -> bytes:
-        """The HMAC of the concatenated `parts` (hashed one by one, never joined)."""
+    def digest(self, message: bytes | bytearray | memoryview) -> bytes:
+        """The HMAC of `message`."""
         inner = self._inner.copy()
-        for part in parts:
-            inner.update(part)
+        inner.update(message)
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()

@@ -55,7 +55,7 @@ class PeerLink:
         self.ctrl: list[bytes] = []  # control messages, sealed when taken
         # IP-Data for the stream: messages, sealed when taken, or on a link without
         # authentication the pieces of messages, joined when taken.
-        self.data: list[bytes | memoryview] = []
+        self.data: list[bytes] = []
         self.data_bytes = 0
         self.datagrams: list[bytes] = []  # IP-Data for the UDP channel, sealed already
         self.rx = bytearray()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytun
 
-from tap.offload import PLAIN, VNET_HEADER_LEN, tap_writes
+from tap.offload import VNET_HEADER_LEN, tap_writes
 
 log = logging.getLogger("mcmw.tap")
 
@@ -249,8 +249,7 @@ class TapDevice:
         """Hand frames to the kernel, like datagrams in trains; return how many it had no
         room for (dropped)."""
         writev, fd, dropped = os.writev, self.fd, 0
-        writes = tap_writes(frames) if self.trains else [(i, i + 1, [PLAIN, f]) for i, f in enumerate(frames)]
-        for start, end, buffers in writes:
+        for start, end, buffers in tap_writes(frames, self.trains):
             try:
                 writev(fd, buffers)
             except OSError as exc:

@@ -49,14 +49,15 @@ def _sum16(data: bytes) -> int:
     return sum(struct.unpack(f"!{len(data) // 2}H", data))
 
 
-def tap_writes(frames: Sequence[bytes]) -> list[tuple[int, int, list[bytes]]]:
-    """The TAP writes for `frames`, in order: (first frame, end, the write's buffers)."""
+def tap_writes(frames: Sequence[bytes], trains: bool = True) -> list[tuple[int, int, list[bytes]]]:
+    """The TAP writes for `frames`, in order: (first frame, end, the write's buffers);
+    without `trains`, one write per frame."""
     writes: list[tuple[int, int, list[bytes]]] = []
     index, count = 0, len(frames)
     while index < count:
         first = frames[index]
         end = index + 1
-        if count - end:
+        if trains and count - end:
             kind = first[12:14]
             if kind == b"\x08\x00":
                 end = _v4_run(frames, index)
@@ -85,26 +86,21 @@ def _v4_run(frames: Sequence[bytes], index: int) -> int:
     ):
         return index + 1
     limit = min(len(frames), index + MAX_SEGMENTS, index + (MAX_IP_LEN - 28) // (size - V4_UDP))
-    end = index + 1
-    head, middle, tail = first[:18], first[20:24], first[26:40]
-    if first[20] & 0x40:  # DF: atomic, the identification is not looked at
-        whole = first[:40]  # the kernel's own DF datagrams: equal headers, identification 0
-        for frame in frames[end:limit]:
-            if len(frame) != size or (
-                frame[:40] != whole and (frame[:18] != head or frame[20:24] != middle or frame[26:40] != tail)
-            ):
-                break
-            end += 1
-        return end
+    df = first[20] & 0x40  # DF: atomic (RFC 6864), the identification is not looked at
     ident = (first[18] << 8) | first[19]
-    while end < limit:
-        frame = frames[end]
-        if (
-            len(frame) != size
-            or frame[:18] != head
+    whole, head, middle, tail = first[:40], first[:18], first[20:24], first[26:40]
+    end = index + 1
+    for frame in frames[end:limit]:
+        if len(frame) != size:
+            break
+        if frame[:40] == whole:  # the kernel's own DF datagrams: identical headers
+            if not df:
+                break  # without DF an equal identification is not the next one
+        elif (
+            frame[:18] != head
             or frame[20:24] != middle
             or frame[26:40] != tail
-            or (frame[18] << 8) | frame[19] != (ident + end - index) & 0xFFFF
+            or (not df and (frame[18] << 8) | frame[19] != (ident + end - index) & 0xFFFF)
         ):
             break
         end += 1
@@ -141,7 +137,6 @@ def _train(frames: Sequence[bytes], index: int, end: int) -> list[bytes]:
     start = V4_UDP if v4 else V6_UDP
     segment = len(first) - start
     udp_len = 8 + segment * (end - index)
-    ip_at = ETH_HEADER_LEN
     if v4:
         # Total length changes: the header checksum follows (RFC 1624 eqn. 3).
         old_total = (first[16] << 8) | first[17]
@@ -149,7 +144,7 @@ def _train(frames: Sequence[bytes], index: int, end: int) -> list[bytes]:
         checksum = (first[24] << 8) | first[25]
         checksum = ~_fold((~checksum & 0xFFFF) + (~old_total & 0xFFFF) + new_total) & 0xFFFF
         ip = (
-            first[ip_at : ip_at + 2]
+            first[14:16]
             + new_total.to_bytes(2, "big")
             + first[18:24]
             + checksum.to_bytes(2, "big")
@@ -157,7 +152,7 @@ def _train(frames: Sequence[bytes], index: int, end: int) -> list[bytes]:
         )
         pseudo = _sum16(first[26:34]) + 17 + udp_len
     else:
-        ip = first[ip_at : ip_at + 4] + udp_len.to_bytes(2, "big") + first[20:54]
+        ip = first[14:18] + udp_len.to_bytes(2, "big") + first[20:54]
         pseudo = _sum16(first[22:54]) + 17 + udp_len
     # CHECKSUM_PARTIAL: the pseudo-header sum, not complemented; the kernel adjusts it to
     # each datagram's length and completes it over the datagram.
