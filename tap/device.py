@@ -253,10 +253,12 @@ class TapDevice:
             try:
                 writev(fd, buffers)
             except OSError as exc:
-                if end - start > 1 and exc.errno == errno.EINVAL and self.trains:
-                    # A kernel before 6.2 takes no UDP trains from a TAP: one by one.
-                    log.info("%s: the kernel takes no UDP trains; one write per frame", self.name)
-                    self.trains = False
+                if end - start > 1 and exc.errno == errno.EINVAL:
+                    # A kernel before 6.2 takes no UDP trains from a TAP: this one and
+                    # every later one frame by frame (those of this call are built).
+                    if self.trains:
+                        log.info("%s: the kernel takes no UDP trains; one write per frame", self.name)
+                        self.trains = False
                     dropped += self.write_frames(frames[start:end])
                     continue
                 if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EINVAL):

@@ -353,3 +353,27 @@ def test_a_kernel_that_refuses_trains_gets_every_frame_one_by_one(monkeypatch: p
     assert not tap.trains
     assert tap.write_frames(frames) == 0
     assert writes == [[PLAIN, f] for f in frames + frames]
+
+
+def test_a_refusing_kernel_loses_no_frame_of_later_trains_in_the_same_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two trains in one call: the first refusal turns trains off, and the second train,
+    already built, goes in frame by frame too instead of being counted as dropped."""
+    import errno
+
+    from tap.device import TapDevice
+
+    written: list[bytes] = []
+
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        if buffers[0] != PLAIN:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        written.append(bytes(buffers[1]))
+        return sum(len(b) for b in buffers)
+
+    monkeypatch.setattr(os, "writev", writev)
+    tap = TapDevice("t0", ipaddress.IPv4Interface("10.77.0.1/24"))
+    frames = [v4_frame(p) for p in payloads(4)] + [v4_frame(p, sport=40001) for p in payloads(4)]
+    assert tap.write_frames(frames) == 0
+    assert written == frames
