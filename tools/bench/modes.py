@@ -70,7 +70,8 @@ def build_helpers(dest: Path) -> dict[str, Path]:
     bins = {}
     for name in C_PROGRAMS:
         out = dest / name
-        run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / f"{name}.c")], timeout=120)
+        libs = ["-lcrypto"] if name == "relay" else []  # its udp-auth transport's HMAC
+        run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / f"{name}.c"), *libs], timeout=120)
         bins[name] = out
     return bins
 
@@ -98,14 +99,17 @@ def kernel_path(lab: Lab, bins: dict[str, Path]) -> Iterator[BenchPath]:
 
 @contextmanager
 def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iterator[BenchPath]:
-    """A: app -> TAP -> relay.c -UDP (or TCP) over veth-> relay.c -> TAP -> app: B."""
+    """A: app -> TAP -> relay.c -UDP (or TCP) over veth-> relay.c -> TAP -> app: B.
+    `udp-auth`: UDP with every datagram sealed and checked with HMAC-SHA256."""
     a, b = lab.ns("ra", cpu=0), lab.ns("rb", cpu=1)
     lab.veth(a, f"{VETH_A}/24", b, f"{VETH_B}/24")
     tap = lab.ifname("t")
     relays: dict[str, subprocess.Popen[Any]] = {}
     path: BenchPath | None = None
     # TCP: b accepts, a dials, so b starts first (as in the mcmw tree).
-    roles = {"a": "tcp-dial", "b": "tcp-accept"} if transport == "tcp" else {"a": "udp", "b": "udp"}
+    roles = {"a": "tcp-dial", "b": "tcp-accept"} if transport == "tcp" else {"a": transport, "b": transport}
+    # `env` execs in place, so the PID is still the relay's (its CPU is what is charged).
+    key = ["env", f"RELAY_KEY={secrets.token_hex(16)}"] if transport == "udp-auth" else []
     try:
         for name, ns, mine, peer, addr in (
             ("relay-b", b, VETH_B, VETH_A, TAP_B),
@@ -113,7 +117,7 @@ def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iter
         ):
             role = roles[name[-1]]
             relays[name] = lab.start_ready(
-                ns, [str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100", role]
+                ns, [*key, str(bins["relay"]), tap, f"{mine}:7100", f"{peer}:7100", role]
             )
             lab.exec(ns, ["ip", "addr", "add", f"{addr}/16", "dev", tap])
             # The same queue as mcmw gives its own TAP: the paths differ only in the relay.
@@ -124,7 +128,7 @@ def crelay_path(lab: Lab, bins: dict[str, Path], transport: str = "udp") -> Iter
             lab.sysctl(ns, **{"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{tap}.rp_filter": 0})
         hold_group(lab, bins, b, TAP_B)
         path = BenchPath(
-            "c-relay" if transport == "udp" else f"c-relay-{transport}",
+            {"udp": "c-relay", "tcp": "c-relay-tcp", "udp-auth": "c-relay-auth"}[transport],
             a,
             b,
             TAP_B,
@@ -259,6 +263,7 @@ MODES: dict[str, PathFactory] = {
     "kernel": kernel_path,
     "c-relay": crelay_path,
     "c-relay-tcp": functools.partial(crelay_path, transport="tcp"),
+    "c-relay-auth": functools.partial(crelay_path, transport="udp-auth"),
 }
 # The mcmw modes listed in --help; any other `mcmw[-udp][-auth][-N]` works too.
 MCMW_MODES = ("mcmw", "mcmw-udp", "mcmw-udp-auth-1000")

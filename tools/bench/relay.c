@@ -9,6 +9,13 @@
  *
  * Transports:
  *   udp          one sendto() per packet, one recv() per packet (the c-relay mode)
+ *   udp-auth     the same, every datagram authenticated as mcmw authenticates its own:
+ *                a 32-byte head (as long as mcmw's IP-Data head and Integrity object
+ *                head together; a 64-bit sequence number in it), the packet, and an
+ *                HMAC-SHA256 of both under a key from the environment (RELAY_KEY), with
+ *                the key's padded blocks hashed once, as mcmw does; the receiver checks
+ *                the HMAC and refuses replays in a 64-datagram window (the
+ *                c-relay-auth mode: the cost of the same crypto in C)
  *   tcp-dial,    a TCP stream with mcmw's IP-Data framing (20-byte COPS header, packet,
  *   tcp-accept   padding to 32 bits), TCP_NODELAY, one send() per wake-up carrying every
  *                frame read in it, as mcmw does; it isolates what TCP costs from what
@@ -41,13 +48,55 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #define FRAME_MAX 2048
 #define BATCH 64 /* frames per wake-up per direction, so neither side starves the other */
 #define HDR 20   /* mcmw's IP-Data header: COPS common header + object header + 8 bytes */
 #define TX_CAP (4 << 20)  /* bytes queued for a slow TCP peer before dropping, as mcmw */
 #define RX_SIZE (256 << 10)
 
-enum transport { UDP, TCP_DIAL, TCP_ACCEPT };
+enum transport { UDP, UDP_AUTH, TCP_DIAL, TCP_ACCEPT };
+
+#define AUTH_HEAD 32
+#define DIGEST 32
+
+/* HMAC-SHA256 (RFC 2104) with the key's inner and outer padded blocks hashed once. */
+static EVP_MD_CTX *mac_inner, *mac_outer, *mac_work;
+
+static int mac_init(const char *key)
+{
+    unsigned char ipad[64], opad[64];
+    size_t len = strlen(key);
+    if (len < 16 || len > 64) return -1;
+    memset(ipad, 0x36, sizeof ipad);
+    memset(opad, 0x5c, sizeof opad);
+    for (size_t i = 0; i < len; i++) {
+        ipad[i] ^= (unsigned char)key[i];
+        opad[i] ^= (unsigned char)key[i];
+    }
+    mac_inner = EVP_MD_CTX_new();
+    mac_outer = EVP_MD_CTX_new();
+    mac_work = EVP_MD_CTX_new();
+    if (!mac_inner || !mac_outer || !mac_work) return -1;
+    if (!EVP_DigestInit_ex(mac_inner, EVP_sha256(), NULL) || !EVP_DigestUpdate(mac_inner, ipad, 64) ||
+        !EVP_DigestInit_ex(mac_outer, EVP_sha256(), NULL) || !EVP_DigestUpdate(mac_outer, opad, 64))
+        return -1;
+    return 0;
+}
+
+static void mac(const unsigned char *msg, size_t len, unsigned char out[DIGEST])
+{
+    unsigned char inner[DIGEST];
+    unsigned int n;
+    EVP_MD_CTX_copy_ex(mac_work, mac_inner);
+    EVP_DigestUpdate(mac_work, msg, len);
+    EVP_DigestFinal_ex(mac_work, inner, &n);
+    EVP_MD_CTX_copy_ex(mac_work, mac_outer);
+    EVP_DigestUpdate(mac_work, inner, DIGEST);
+    EVP_DigestFinal_ex(mac_work, out, &n);
+}
 
 static volatile sig_atomic_t stop;
 static void on_signal(int sig) { (void)sig; stop = 1; }
@@ -121,9 +170,10 @@ int main(int argc, char **argv)
 {
     enum transport tr = UDP;
     if (argc == 5 && strcmp(argv[4], "tcp-dial") == 0) tr = TCP_DIAL;
+    else if (argc == 5 && strcmp(argv[4], "udp-auth") == 0) tr = UDP_AUTH;
     else if (argc == 5 && strcmp(argv[4], "tcp-accept") == 0) tr = TCP_ACCEPT;
     else if (!(argc == 4 || (argc == 5 && strcmp(argv[4], "udp") == 0))) {
-        fprintf(stderr, "usage: relay TAPNAME LISTEN_IP:PORT PEER_IP:PORT [udp|tcp-dial|tcp-accept]\n");
+        fprintf(stderr, "usage: relay TAPNAME LISTEN_IP:PORT PEER_IP:PORT [udp|udp-auth|tcp-dial|tcp-accept]\n");
         return 2;
     }
     struct sockaddr_in listen_at, peer;
@@ -131,11 +181,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "relay: bad address\n");
         return 2;
     }
+    if (tr == UDP_AUTH && (!getenv("RELAY_KEY") || mac_init(getenv("RELAY_KEY")) < 0)) {
+        fprintf(stderr, "relay: udp-auth needs RELAY_KEY, 16 to 64 characters\n");
+        return 2;
+    }
     int tap = open_tap(argv[1]);
     if (tap < 0) { perror("relay: tap"); return 1; }
 
     int sock = -1, lsock = -1, one = 1;
-    if (tr == UDP) {
+    if (tr == UDP || tr == UDP_AUTH) {
         sock = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         big_buffers(sock);
         if (sock < 0 || bind(sock, (struct sockaddr *)&listen_at, sizeof listen_at) < 0) {
@@ -177,12 +231,14 @@ int main(int argc, char **argv)
     static unsigned char txbuf[TX_CAP + FRAME_MAX], rxbuf[RX_SIZE];
     size_t tx_len = 0, rx_len = 0;
     unsigned long long tap_in = 0, sent = 0, skipped = 0, peer_in = 0, tap_out = 0;
-    unsigned long long errors = 0, dropped_queue = 0;
+    unsigned long long errors = 0, dropped_queue = 0, dropped_auth = 0;
+    static unsigned char sealed[AUTH_HEAD + FRAME_MAX + DIGEST];
+    uint64_t tx_seq = 0, rx_top = 0, rx_seen = 0; /* rx_seen: bit i = rx_top - i arrived */
 
     while (!stop) {
         struct pollfd pfd[2] = {{.fd = tap, .events = POLLIN},
                                 {.fd = sock >= 0 ? sock : lsock, .events = POLLIN}};
-        if (tr != UDP && sock >= 0 && tx_len) pfd[1].events |= POLLOUT;
+        if (tr >= TCP_DIAL && sock >= 0 && tx_len) pfd[1].events |= POLLOUT;
         if (poll(pfd, 2, 200) < 0) {
             if (errno == EINTR) continue;
             perror("relay: poll");
@@ -208,6 +264,19 @@ int main(int argc, char **argv)
             tap_in++;
             size_t len = take_packet(frame, n);
             if (!len) { skipped++; continue; }
+            if (tr == UDP_AUTH) {
+                memset(sealed, 0, AUTH_HEAD);
+                tx_seq++;
+                for (int b = 0; b < 8; b++) sealed[b] = (unsigned char)(tx_seq >> (56 - 8 * b));
+                memcpy(sealed + AUTH_HEAD, frame + 14, len);
+                mac(sealed, AUTH_HEAD + len, sealed + AUTH_HEAD + len);
+                if (sendto(sock, sealed, AUTH_HEAD + len + DIGEST, 0, (struct sockaddr *)&peer,
+                           sizeof peer) < 0)
+                    errors++;
+                else
+                    sent++;
+                continue;
+            }
             if (tr == UDP) {
                 if (sendto(sock, frame + 14, len, 0, (struct sockaddr *)&peer, sizeof peer) < 0)
                     errors++;
@@ -227,7 +296,7 @@ int main(int argc, char **argv)
             tx_len += total;
             sent++;
         }
-        if (tr != UDP && tx_len) { /* one send() for everything this wake-up read */
+        if (tr >= TCP_DIAL && tx_len) { /* one send() for everything this wake-up read */
             ssize_t w = send(sock, txbuf, tx_len, MSG_NOSIGNAL);
             if (w > 0) {
                 memmove(txbuf, txbuf + w, tx_len - (size_t)w);
@@ -238,6 +307,39 @@ int main(int argc, char **argv)
         }
 
         /* peer -> TAP */
+        if (tr == UDP_AUTH) {
+            for (int i = 0; i < BATCH; i++) {
+                ssize_t n = recv(sock, rxbuf, sizeof rxbuf, 0);
+                if (n < 0) break;
+                peer_in++;
+                if (n < AUTH_HEAD + 20 + DIGEST || n > AUTH_HEAD + FRAME_MAX - 14 + DIGEST) {
+                    skipped++;
+                    continue;
+                }
+                size_t len = (size_t)n - AUTH_HEAD - DIGEST;
+                unsigned char expected[DIGEST];
+                mac(rxbuf, AUTH_HEAD + len, expected);
+                uint64_t seq = 0;
+                for (int b = 0; b < 8; b++) seq = seq << 8 | rxbuf[b];
+                if (CRYPTO_memcmp(expected, rxbuf + AUTH_HEAD + len, DIGEST) != 0) {
+                    dropped_auth++;
+                    continue;
+                }
+                if (seq > rx_top) {
+                    rx_seen = seq - rx_top >= 64 ? 1 : rx_seen << (seq - rx_top) | 1;
+                    rx_top = seq;
+                } else if (rx_top - seq >= 64 || rx_seen >> (rx_top - seq) & 1) {
+                    dropped_auth++; /* a replay, or too old to tell */
+                    continue;
+                } else {
+                    rx_seen |= 1ULL << (rx_top - seq);
+                }
+                memcpy(frame + 14, rxbuf + AUTH_HEAD, len);
+                if ((frame[14] >> 4) != 4) { skipped++; continue; }
+                if (to_tap(tap, frame, len) < 0) errors++; else tap_out++;
+            }
+            continue;
+        }
         if (tr == UDP) {
             for (int i = 0; i < BATCH; i++) {
                 ssize_t n = recv(sock, frame + 14, sizeof frame - 14, 0);
@@ -269,7 +371,7 @@ int main(int argc, char **argv)
         rx_len -= off;
     }
     printf("{\"tap_in\": %llu, \"sent\": %llu, \"peer_in\": %llu, \"tap_out\": %llu, "
-           "\"skipped\": %llu, \"errors\": %llu, \"dropped_queue\": %llu}\n",
-           tap_in, sent, peer_in, tap_out, skipped, errors, dropped_queue);
+           "\"skipped\": %llu, \"errors\": %llu, \"dropped_queue\": %llu, \"dropped_auth\": %llu}\n",
+           tap_in, sent, peer_in, tap_out, skipped, errors, dropped_queue, dropped_auth);
     return 0;
 }
