@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs everything mcmw, its demo and its tests need on a Debian 12 machine (as root):
+# Installs everything mcmw, its demo, its tests and tools/bench need on a Debian 12 machine (as root):
 # system packages, then a virtual environment in .venv with mcmw and its test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 procps python3 python3-venv python3-dev gcc libc6-dev
+packages=(iproute2 procps python3 python3-venv python3-dev gcc libc6-dev libssl-dev
           tshark ffmpeg iperf socat tcpdump ethtool)
 missing=()
 for p in "${packages[@]}"; do
