@@ -383,14 +383,12 @@ def search_steps(
             else:
                 bad = mid
     confirm = None
-    for _ in range(6):
-        if good is None:
-            break
+    while good is not None and good >= start:
         confirm = yield from attempt(good)
         if confirm["ok"]:
             break
-        # A failed repeat means the rate was marginal (or the machine got busy): step
-        # down and try again, at most to about half of it.
+        # A failed repeat means the rate was marginal (or the machine got slower): step
+        # down and try again, down to the first rate tried (a bounded number of steps).
         good = good / precision
     if confirm is None or not confirm["ok"]:
         good = None
