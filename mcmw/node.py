@@ -448,7 +448,7 @@ class Node:
                             ip_data_prefix(address, size),
                             ip_data_prefix(address, size, INTEGRITY_LEN),
                         )
-                    prefix = prefixes[2] if udp and auth else prefixes[1]
+                    prefix = prefixes[2] if auth else prefixes[1]  # sealed: counts the object
                     padding = PADDING[size & 3]
                     total = IP_DATA_HEAD_LEN + size + len(padding)
                     last = size
@@ -457,8 +457,8 @@ class Node:
                 seq = (seq + 1) & 0xFFFFFFFF
                 link_sent += 1
                 if not udp:
-                    if auth:  # sealed whole when taken
-                        stream.append(b"".join((prefix, SEQ.pack(seq), lead, rest, padding)))
+                    if auth:  # the message's pieces, sealed in one join when taken
+                        stream.append((prefix, SEQ.pack(seq), lead, rest, padding))
                     else:  # joined with the rest of the queue when taken
                         stream += (prefix, SEQ.pack(seq), lead, rest, padding)
                     stream_bytes += total

@@ -53,9 +53,10 @@ class PeerLink:
         self.state = OPENING
         self.sealed = bytearray()  # ready for the stream: Opens, and Closes before a session
         self.ctrl: list[bytes] = []  # control messages, sealed when taken
-        # IP-Data for the stream: messages, sealed when taken, or on a link without
-        # authentication the pieces of messages, joined when taken.
-        self.data: list[bytes] = []
+        # IP-Data for the stream, joined when taken: on a link without authentication the
+        # pieces of the messages one after another, with it each message's pieces
+        # (sealed as they are joined; its header counts the Integrity object already).
+        self.data: list[bytes | tuple[bytes, ...]] = []
         self.data_bytes = 0
         self.datagrams: list[bytes] = []  # IP-Data for the UDP channel, sealed already
         self.rx = bytearray()
@@ -106,9 +107,11 @@ class PeerLink:
     def take_output(self) -> bytes:
         """Everything queued for the stream, control first, sealed in the order it leaves
         (so sequence numbers rise on the wire); the queues are emptied."""
-        messages = self.ctrl + self.data
-        if self.auth is not None:
-            messages = [self.auth.seal(m) for m in messages]
+        if self.auth is None:
+            messages = self.ctrl + self.data
+        else:  # control messages get their Integrity object; data was built counting it
+            seal, seal_parts = self.auth.seal, self.auth.seal_parts
+            messages = [seal(m) for m in self.ctrl] + [seal_parts(m) for m in self.data]
         if self.sealed:
             messages.insert(0, bytes(self.sealed))
             self.sealed.clear()
