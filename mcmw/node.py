@@ -456,22 +456,20 @@ class Node:
                     continue  # the link's queue is full: dropped
                 seq = (seq + 1) & 0xFFFFFFFF
                 link_sent += 1
-                if not udp:
-                    if auth:  # the message's pieces, sealed in one join when taken
-                        stream.append((prefix, SEQ.pack(seq), lead, rest, padding))
-                    else:  # joined with the rest of the queue when taken
-                        stream += (prefix, SEQ.pack(seq), lead, rest, padding)
-                    stream_bytes += total
-                elif total > room:
+                if udp and total > room:
                     link.seq = seq  # the fragments take sequence numbers from here on
                     self._send_fragments(link, address, lead + rest, size)
                     seq = link.seq
-                elif auth:
-                    datagrams.append(
-                        auth.seal_datagram_parts((prefix, SEQ.pack(seq), lead, rest, padding), seq)
-                    )
+                    continue
+                parts = (prefix, SEQ.pack(seq), lead, rest, padding)
+                if udp:
+                    datagrams.append(auth.seal_parts(parts, seq) if auth else b"".join(parts))
                 else:
-                    datagrams.append(b"".join((prefix, SEQ.pack(seq), lead, rest, padding)))
+                    if auth:  # the message's pieces, sealed in one join when taken
+                        stream.append(parts)
+                    else:  # joined with the rest of the queue when taken
+                        stream += parts
+                    stream_bytes += total
             link.seq, link.data_bytes = seq, stream_bytes
             link.tx_packets += link_sent
             link.dropped_queue += len(pieces) - link_sent

@@ -169,21 +169,18 @@ class Authenticator:
         self.tx_seq += 1
         return _seal(message, 0, self.tx_seq, self._session_mac)
 
-    def seal_parts(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> bytes:
-        """A stream message from its `parts`, whose header counts the Integrity object
-        already (no header to rewrite, one copy less than `seal`)."""
+    def seal_parts(self, parts: tuple[bytes | bytearray | memoryview, ...], seq: int | None = None) -> bytes:
+        """A message from its `parts`, whose header counts the Integrity object already
+        (no header to rewrite, one copy less than `seal`): a datagram with its `seq`, or
+        without one the stream's next message."""
         assert self._session_mac is not None
-        self.tx_seq += 1
-        return _sealed(parts, 0, self.tx_seq, self._session_mac)
+        if seq is None:
+            self.tx_seq = seq = self.tx_seq + 1
+        return _sealed(parts, 0, seq, self._session_mac)
 
     def seal_datagram(self, message: bytes | bytearray, seq: int) -> bytes:
         assert self._session_mac is not None
         return _seal(message, 0, seq, self._session_mac)
-
-    def seal_datagram_parts(self, parts: tuple[bytes | bytearray | memoryview, ...], seq: int) -> bytes:
-        """A datagram from its `parts`, whose header counts the Integrity object already."""
-        assert self._session_mac is not None
-        return _sealed(parts, 0, seq, self._session_mac)
 
     def unseal(self, message: bytes) -> bytes:
         """Verify a stream message; return it without the Integrity object."""

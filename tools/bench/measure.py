@@ -261,13 +261,13 @@ def _cpu_figures(s0: dict[str, Any], s1: dict[str, Any], packets: int) -> dict[s
         fig["fwd_cpu_s"] = {n: round(v, 4) for n, v in per.items()}
         fig["fwd_cpu_total_s"] = round(total, 4)
         fig["fwd_us_per_pkt"] = total / packets * 1e6 if packets else None
-        split = {"user_s": 0.0, "sys_s": 0.0}
-        for name, t1 in s1["ticks"].items():
-            t0 = s0["ticks"].get(name)
-            if t0 and t1:
-                split["user_s"] += (t1[0] - t0[0]) / USER_HZ
-                split["sys_s"] += (t1[1] - t0[1]) / USER_HZ
-        fig["fwd_split"] = split
+        by = {
+            name: {"user_s": (t1[0] - t0[0]) / USER_HZ, "sys_s": (t1[1] - t0[1]) / USER_HZ}
+            for name, t1 in s1["ticks"].items()
+            if t1 and (t0 := s0["ticks"].get(name))
+        }
+        fig["fwd_split_by"] = by  # per forwarder
+        fig["fwd_split"] = {key: sum(part[key] for part in by.values()) for key in ("user_s", "sys_s")}
     busy = (s1["system"][0] - s0["system"][0]) / USER_HZ
     soft = (s1["system"][1] - s0["system"][1]) / USER_HZ
     fig["sys_busy_s"] = busy

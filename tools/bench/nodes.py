@@ -28,16 +28,6 @@ from modes import build_helpers, mode_path
 from mcmw.lab import Lab
 
 HERE = Path(__file__).resolve().parent
-USER_HZ = 100
-
-
-def ticks(pids: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """(user, system) clock ticks of each process so far."""
-    out = {}
-    for name, pid in pids.items():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]), int(fields[12]))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,14 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                 recorders.append(subprocess.Popen(command, stderr=subprocess.DEVNULL))
         try:
             for _ in range(args.trials):
-                t0 = ticks(path.forwarders)
                 r = run_trial(lab, bins, path, args.rate, args.seconds)
-                t1 = ticks(path.forwarders)
                 packets = max(1, r["unique"])
                 parts = []
                 for name in path.forwarders:
-                    user = (t1[name][0] - t0[name][0]) / USER_HZ / packets * 1e6
-                    system = (t1[name][1] - t0[name][1]) / USER_HZ / packets * 1e6
+                    split = r["fwd_split_by"][name]
+                    user, system = split["user_s"] / packets * 1e6, split["sys_s"] / packets * 1e6
                     total = r["fwd_cpu_s"][name] / packets * 1e6
                     parts.append(f"{name} {total:5.2f} (user {user:4.2f} sys {system:4.2f})")
                 ends = {k: (v or 0.0) / packets * 1e6 for k, v in r["endpoint_cpu_s"].items()}

@@ -130,7 +130,7 @@ def bench_modes(
         searches = {
             mode: (
                 search_steps(mode, start=args.start, ceiling=args.ceiling, precision=args.precision),
-                functools.partial(_trial, lab, bins, path, args.duration),
+                functools.partial(run_trial, lab, bins, path, duration=args.duration),
             )
             for mode, (lab, path) in live.items()
         }
@@ -168,10 +168,6 @@ def bench_modes(
             results[mode]["at_cpu_rate"] = trials[len(trials) // 2] if trials else {}
             results[mode]["cpu_trials"] = trials
     return results
-
-
-def _trial(lab: Lab, bins: dict[str, Path], path: BenchPath, duration: float, rate: float) -> dict[str, Any]:
-    return run_trial(lab, bins, path, rate, duration)
 
 
 def _fmt(value: float | None, spec: str = "6.2f") -> str:
@@ -246,17 +242,15 @@ def by_rate(results: dict[str, dict[str, Any]], start: float) -> list[str]:
     return lines
 
 
-def ratios(results: dict[str, dict[str, Any]], baseline: str = "c-relay") -> dict[str, Any]:
-    """mcmw / `baseline` for rate and CPU per packet, against the issue's bar. Beside
-    c-relay-auth (the same crypto in C), only the authenticated mcmw modes."""
+def ratios(results: dict[str, dict[str, Any]], baseline: str, modes: list[str]) -> dict[str, Any]:
+    """Each of `modes` / `baseline` for rate and CPU per packet, against the issue's bar."""
     base = results.get(baseline)
     out: dict[str, Any] = {}
     if not base or "error" in base:
         return out
-    for mode, r in results.items():
-        if not mode.startswith("mcmw") or "error" in r:
-            continue
-        if baseline == "c-relay-auth" and "auth" not in mode.split("-"):
+    for mode in modes:
+        r = results[mode]
+        if "error" in r:
             continue
         rate = (
             (r["search"]["max_pps"] or 0) / base["search"]["max_pps"] if base["search"]["max_pps"] else None
@@ -371,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(builddir, ignore_errors=True)
 
+    mcmw = [mode for mode in results if mode.startswith("mcmw")]
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": info,
@@ -391,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             "loss_limit": 0.001,
         },
         "results": results,
-        "ratios": ratios(results),
-        "ratios_auth": ratios(results, "c-relay-auth"),
+        "ratios": ratios(results, "c-relay", mcmw),
+        # Beside the same crypto in C: the authenticated modes.
+        "ratios_auth": ratios(results, "c-relay-auth", [m for m in mcmw if "auth" in m.split("-")]),
         "elapsed_s": round(time.monotonic() - started, 1),
         "command": " ".join([sys.executable, *sys.argv]),
     }
